@@ -1,0 +1,178 @@
+"""Scaled quantized linear and conv2d with a memory-lean custom backward.
+
+DESIGN section 2: diagonal scales move from the weight onto the activations,
+
+    W = s_out[:, None] * (W_q - z) * s_in[None, :]
+    y = s_out * ((W_q - z) @ (s_in * x)) + bias
+    conv: y = s_out * conv(s_in * x, W_q - z) + bias
+
+and the zero point is folded out of the weight so the integers are only ever cast,
+never rewritten:  (W_q - z) @ v = W_u @ v - z_u * sum(v)  with W_u = W_q - qmin
+(unsigned, straight from the packed bytes) and z_u = z - qmin. For a conv the sum is a
+box filter over each group's kernel window (a conv with an all-ones kernel).
+
+Scales are per sample, (B, out) and (B, in), so one batch can mix timesteps (experts)
+and subjects. Autograd keeps the layer input and the pre-scale output u; the float
+weight is re-expanded from the packed integers in backward and never saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .quant import unpack_unsigned
+
+
+@dataclass
+class PackedWeight:
+    """A frozen packed integer weight, as the kernels read it.
+
+    packed: flat uint8 stream (see quant.pack_int); shape: the weight's shape,
+    (out, in) or (out, in / groups, kh, kw); zero_u: (out,) float, z - qmin.
+    """
+
+    packed: torch.Tensor
+    bits: int
+    shape: tuple[int, ...]
+    zero_u: torch.Tensor
+
+    def expand(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_u = W_q - qmin as `dtype`, shape `self.shape` (a transient copy)."""
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return unpack_unsigned(self.packed, self.bits, numel, dtype).view(self.shape)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+def _per_sample(scale: torch.Tensor, ndim: int, channel_dim: int, dtype: torch.dtype):
+    """(B, C) scales viewed to broadcast over a (B, ...) activation with C at channel_dim."""
+    shape = [scale.shape[0]] + [1] * (ndim - 1)
+    shape[channel_dim] = scale.shape[1]
+    return scale.to(dtype).view(shape)
+
+
+class ScaledQuantLinear(torch.autograd.Function):
+    """y = s_out * (W_u @ (s_in x) - z_u * sum(s_in x)) + bias, per-sample scales.
+
+    x: (B, ..., in); scale_in: (B, in) or None (PEQA); scale_out: (B, out);
+    bias: (out,) or None. Returns (B, ..., out).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale_in, scale_out, bias, weight: PackedWeight):
+        xs = x if scale_in is None else x * _per_sample(scale_in, x.dim(), -1, x.dtype)
+        w_u = weight.expand(x.dtype)  # (out, in)
+        u = F.linear(xs, w_u)
+        u = u - weight.zero_u.to(x.dtype) * xs.sum(dim=-1, keepdim=True)  # (B, ..., out)
+        del w_u, xs
+        y = u * _per_sample(scale_out, u.dim(), -1, u.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, scale_in, scale_out, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale_in, scale_out, u = ctx.saved_tensors
+        weight: PackedWeight = ctx.weight
+        sum_dims = tuple(range(1, grad_y.dim() - 1))  # token dims between B and channels
+        grad_scale_out = _reduce(grad_y * u, sum_dims).to(scale_out.dtype)  # (B, out)
+        grad_u = grad_y * _per_sample(scale_out, grad_y.dim(), -1, grad_y.dtype)
+        w_u = weight.expand(grad_y.dtype)
+        grad_xs = grad_u @ w_u  # (B, ..., in)
+        del w_u
+        grad_xs = grad_xs - (grad_u @ weight.zero_u.to(grad_u.dtype)).unsqueeze(-1)
+        grad_scale_in = grad_x = None
+        if scale_in is None:
+            grad_x = grad_xs
+        else:
+            if ctx.needs_input_grad[1]:
+                grad_scale_in = _reduce(grad_xs * x, sum_dims).to(scale_in.dtype)
+            grad_x = grad_xs * _per_sample(scale_in, x.dim(), -1, grad_xs.dtype)
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_scale_in, grad_scale_out, grad_bias, None
+
+
+class ScaledQuantConv2d(torch.autograd.Function):
+    """y = s_out * (conv(s_in x, W_u) - z_u * box(s_in x)) + bias, per-sample scales.
+
+    x: (B, Cin, H, W) already padded if the layer's padding is not plain zeros;
+    scale_in: (B, Cin) or None; scale_out: (B, Cout); bias: (Cout,) or None.
+    Returns (B, Cout, H', W').
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale_in, scale_out, bias, weight: PackedWeight, geo: ConvGeometry):
+        xs = x if scale_in is None else x * _per_sample(scale_in, 4, 1, x.dtype)
+        w_u = weight.expand(x.dtype)  # (Cout, Cin / groups, kh, kw)
+        u = F.conv2d(xs, w_u, None, geo.stride, geo.padding, geo.dilation, geo.groups)
+        del w_u
+        box = F.conv2d(xs, _box_kernel(weight, geo, x), None, geo.stride, geo.padding,
+                       geo.dilation, geo.groups)  # (B, groups, H', W')
+        del xs
+        zero = weight.zero_u.to(x.dtype).view(1, -1, 1, 1)
+        u = u - zero * box.repeat_interleave(weight.shape[0] // geo.groups, dim=1)
+        y = u * _per_sample(scale_out, 4, 1, u.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype).view(1, -1, 1, 1)
+        ctx.weight, ctx.geo, ctx.has_bias = weight, geo, bias is not None
+        ctx.save_for_backward(x, scale_in, scale_out, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale_in, scale_out, u = ctx.saved_tensors
+        weight: PackedWeight = ctx.weight
+        geo: ConvGeometry = ctx.geo
+        grad_scale_out = (grad_y * u).sum(dim=(2, 3)).to(scale_out.dtype)  # (B, Cout)
+        grad_u = grad_y * _per_sample(scale_out, 4, 1, grad_y.dtype)
+        batch, cout, out_h, out_w = grad_u.shape
+        zero = weight.zero_u.to(grad_u.dtype).view(1, -1, 1, 1)
+        grad_box = (grad_u * zero).view(batch, geo.groups, cout // geo.groups, out_h, out_w)
+        grad_xs = _conv_input_grad(x, weight.expand(grad_u.dtype), grad_u, geo)
+        grad_xs = grad_xs - _conv_input_grad(x, _box_kernel(weight, geo, x), grad_box.sum(2), geo)
+        grad_scale_in = grad_x = None
+        if scale_in is None:
+            grad_x = grad_xs
+        else:
+            if ctx.needs_input_grad[1]:
+                grad_scale_in = (grad_xs * x).sum(dim=(2, 3)).to(scale_in.dtype)
+            grad_x = grad_xs * _per_sample(scale_in, 4, 1, grad_xs.dtype)
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_y.sum(dim=(0, 2, 3))
+        return grad_x, grad_scale_in, grad_scale_out, grad_bias, None, None
+
+
+def _reduce(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return t.sum(dim=dims) if dims else t
+
+
+def _box_kernel(weight: PackedWeight, geo: ConvGeometry, like: torch.Tensor) -> torch.Tensor:
+    """All-ones kernel (groups, Cin / groups, kh, kw): sums each group's window."""
+    _, cin_per_group, kh, kw = weight.shape
+    return torch.ones(geo.groups, cin_per_group, kh, kw, dtype=like.dtype, device=like.device)
+
+
+def _conv_input_grad(x, kernel, grad_out, geo: ConvGeometry) -> torch.Tensor:
+    """d conv(x, kernel) / d x applied to grad_out; (B, Cin, H, W)."""
+    grad_input, _, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, kernel, None, list(geo.stride), list(geo.padding), list(geo.dilation),
+        False, [0, 0], geo.groups, [True, False, False],
+    )
+    return grad_input
