@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 
-def expert_index(timesteps: torch.Tensor | float | int, num_experts: int,
-                 num_train_timesteps: int) -> torch.Tensor:
+def expert_index(
+    timesteps: torch.Tensor | float | int, num_experts: int, num_train_timesteps: int
+) -> torch.Tensor:
     """Expert of each timestep: floor(t * N / T) clamped to [0, N - 1].
 
     Args:

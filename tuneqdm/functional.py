@@ -122,8 +122,9 @@ class ScaledQuantConv2d(torch.autograd.Function):
         w_u = weight.expand(x.dtype)  # (Cout, Cin / groups, kh, kw)
         u = F.conv2d(xs, w_u, None, geo.stride, geo.padding, geo.dilation, geo.groups)
         del w_u
-        box = F.conv2d(xs, _box_kernel(weight, geo, x), None, geo.stride, geo.padding,
-                       geo.dilation, geo.groups)  # (B, groups, H', W')
+        box = F.conv2d(
+            xs, _box_kernel(weight, geo, x), None, geo.stride, geo.padding, geo.dilation, geo.groups
+        )  # (B, groups, H', W')
         del xs
         zero = weight.zero_u.to(x.dtype).view(1, -1, 1, 1)
         u = u - zero * box.repeat_interleave(weight.shape[0] // geo.groups, dim=1)
@@ -172,7 +173,16 @@ def _box_kernel(weight: PackedWeight, geo: ConvGeometry, like: torch.Tensor) -> 
 def _conv_input_grad(x, kernel, grad_out, geo: ConvGeometry) -> torch.Tensor:
     """d conv(x, kernel) / d x applied to grad_out; (B, Cin, H, W)."""
     grad_input, _, _ = torch.ops.aten.convolution_backward(
-        grad_out, x, kernel, None, list(geo.stride), list(geo.padding), list(geo.dilation),
-        False, [0, 0], geo.groups, [True, False, False],
+        grad_out,
+        x,
+        kernel,
+        None,
+        list(geo.stride),
+        list(geo.padding),
+        list(geo.dilation),
+        False,
+        [0, 0],
+        geo.groups,
+        [True, False, False],
     )
     return grad_input

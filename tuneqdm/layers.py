@@ -32,14 +32,17 @@ class QuantizedLayer(nn.Module):
     in_features: int
     out_features: int
 
-    def __init__(self, weight_shape: tuple[int, ...], scale_in_size: int, has_bias: bool,
-                 config: QuantConfig) -> None:
+    def __init__(
+        self, weight_shape: tuple[int, ...], scale_in_size: int, has_bias: bool, config: QuantConfig
+    ) -> None:
         super().__init__()
         self.bits = config.bits
         self.weight_shape = tuple(weight_shape)
         out = weight_shape[0]
-        self.register_buffer("packed", torch.zeros(packed_nbytes(math.prod(weight_shape),
-                                                                 config.bits), dtype=torch.uint8))
+        self.register_buffer(
+            "packed",
+            torch.zeros(packed_nbytes(math.prod(weight_shape), config.bits), dtype=torch.uint8),
+        )
         self.register_buffer("zero", torch.zeros(out))
         self.register_buffer("scale0", torch.ones(out))
         self.register_buffer("bias", torch.zeros(out) if has_bias else None)
@@ -53,8 +56,9 @@ class QuantizedLayer(nn.Module):
 
     # -- construction ---------------------------------------------------------------
 
-    def _load_quantized(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                        config: QuantConfig) -> None:
+    def _load_quantized(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig
+    ) -> None:
         q, zero, scale0 = quantize_weight(weight, config)
         self.packed = pack_int(q, config.bits).to(weight.device)
         self.zero = zero.to(weight.device)
@@ -94,8 +98,9 @@ class QuantizedLayer(nn.Module):
         out, cin_per_group = self.weight_shape[:2]
         groups = self.in_features // cin_per_group
         per_group = scale_in.view(groups, 1, cin_per_group)  # (G, 1, Cin / G)
-        return per_group.expand(groups, out // groups, cin_per_group).reshape(out, -1)[..., None,
-                                                                                        None]
+        return per_group.expand(groups, out // groups, cin_per_group).reshape(out, -1)[
+            ..., None, None
+        ]
 
     def _packed_weight(self) -> PackedWeight:
         return PackedWeight(self.packed, self.bits, self.weight_shape, self.zero - self._qmin)
@@ -114,8 +119,9 @@ class QuantizedLayer(nn.Module):
 class QuantLinear(QuantizedLayer):
     """Quantized nn.Linear. Input (B, ..., in) -> (B, ..., out)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool,
-                 config: QuantConfig) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, config: QuantConfig
+    ) -> None:
         super().__init__((out_features, in_features), in_features, bias, config)
         self.in_features, self.out_features = in_features, out_features
 
@@ -141,23 +147,40 @@ class QuantConv2d(QuantizedLayer):
     Input (B, Cin, H, W) -> (B, Cout, H', W').
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
-                 stride: tuple[int, int], padding: tuple[int, int] | str,
-                 dilation: tuple[int, int], groups: int, bias: bool, padding_mode: str,
-                 config: QuantConfig) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int] | str,
+        dilation: tuple[int, int],
+        groups: int,
+        bias: bool,
+        padding_mode: str,
+        config: QuantConfig,
+    ) -> None:
         shape = (out_channels, in_channels // groups, *kernel_size)
         super().__init__(shape, in_channels, bias, config)
         self.in_features, self.out_features = in_channels, out_channels
         self.kernel_size, self.padding_mode = tuple(kernel_size), padding_mode
-        self.pre_pad, conv_padding = _explicit_padding(padding, kernel_size, dilation,
-                                                       padding_mode)
+        self.pre_pad, conv_padding = _explicit_padding(padding, kernel_size, dilation, padding_mode)
         self.geometry = ConvGeometry(tuple(stride), conv_padding, tuple(dilation), groups)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, config: QuantConfig) -> QuantConv2d:
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                    conv.padding_mode, config)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            config,
+        )
         layer._load_quantized(conv.weight, conv.bias, config)
         return layer
 
@@ -168,13 +191,16 @@ class QuantConv2d(QuantizedLayer):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self.pre_pad, mode=mode)
         scale_in, scale_out = self._scales(x.shape[0], x.device)
-        return ScaledQuantConv2d.apply(x, scale_in, scale_out, self.bias, self._packed_weight(),
-                                       self.geometry)
+        return ScaledQuantConv2d.apply(
+            x, scale_in, scale_out, self.bias, self._packed_weight(), self.geometry
+        )
 
     def extra_repr(self) -> str:
         g = self.geometry
-        return (f"{self.in_features}, {self.out_features}, kernel={self.kernel_size}, "
-                f"stride={g.stride}, padding={g.padding}, groups={g.groups}, bits={self.bits}")
+        return (
+            f"{self.in_features}, {self.out_features}, kernel={self.kernel_size}, "
+            f"stride={g.stride}, padding={g.padding}, groups={g.groups}, bits={self.bits}"
+        )
 
 
 def _explicit_padding(padding, kernel_size, dilation, padding_mode):

@@ -19,8 +19,9 @@ from .layers import QuantConv2d, QuantizedLayer, QuantLinear
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def quantize_(module: nn.Module, config: QuantConfig,
-              filter_fn: FilterFn | None = None) -> nn.Module:
+def quantize_(
+    module: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None
+) -> nn.Module:
     """Replace every nn.Linear and nn.Conv2d of `module` (that `filter_fn(layer, name)`
     accepts) by a quantized layer; freeze every other parameter. Returns `module`.
 
@@ -31,9 +32,10 @@ def quantize_(module: nn.Module, config: QuantConfig,
     if quantized_layers(module):
         raise ValueError("module is already quantized")
     targets = [
-        (name, child) for name, child in module.named_modules()
-        if isinstance(child, (nn.Linear, nn.Conv2d)) and (filter_fn is None
-                                                          or filter_fn(child, name))
+        (name, child)
+        for name, child in module.named_modules()
+        if isinstance(child, (nn.Linear, nn.Conv2d))
+        and (filter_fn is None or filter_fn(child, name))
     ]
     for name, child in targets:
         with torch.no_grad():
@@ -45,18 +47,29 @@ def quantize_(module: nn.Module, config: QuantConfig,
     return _freeze_and_route(module, config)
 
 
-def build_quantized_skeleton(module: nn.Module, config: QuantConfig,
-                             layer_names: list[str]) -> nn.Module:
+def build_quantized_skeleton(
+    module: nn.Module, config: QuantConfig, layer_names: list[str]
+) -> nn.Module:
     """Swap the named layers for empty quantized layers (weights to be loaded later)."""
     for name in layer_names:
         child = module.get_submodule(name)
         if isinstance(child, nn.Linear):
-            layer = QuantLinear(child.in_features, child.out_features,
-                                child.bias is not None, config)
+            layer = QuantLinear(
+                child.in_features, child.out_features, child.bias is not None, config
+            )
         elif isinstance(child, nn.Conv2d):
-            layer = QuantConv2d(child.in_channels, child.out_channels, child.kernel_size,
-                                child.stride, child.padding, child.dilation, child.groups,
-                                child.bias is not None, child.padding_mode, config)
+            layer = QuantConv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                child.padding,
+                child.dilation,
+                child.groups,
+                child.bias is not None,
+                child.padding_mode,
+                config,
+            )
         else:
             raise ValueError(f"layer {name!r} is {type(child).__name__}, not Linear or Conv2d")
         _set_submodule(module, name, layer)
@@ -109,3 +122,23 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child_name = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child_name, new)
+
+
+@torch.no_grad()
+def reset_scales(module: nn.Module) -> None:
+    """Give every quantized layer fresh trainable (N, ...) scales: s_out <- s0, s_in <- 1.
+
+    Also undoes a multi-subject table (install_scale_sets) and materialises scales of
+    a model built on the meta device.
+    """
+    config: QuantConfig = module.tuneqdm_config
+    for layer in quantized_layers(module).values():
+        for attr, size in (("scale_out", layer.out_features), ("scale_in", layer.in_features)):
+            param = getattr(layer, attr)
+            if param is None:
+                continue
+            if param.is_meta or param.shape[0] != config.num_experts or not param.requires_grad:
+                fresh = torch.empty(config.num_experts, size, device=layer.packed.device)
+                setattr(layer, attr, nn.Parameter(fresh))
+        layer.reset_scales()
+    get_router(module).slots = None

@@ -149,7 +149,7 @@ def unpack_unsigned(
     if bits == 8:
         return packed[:numel].to(dtype)
     if bits in (4, 2):
-        per_byte = 8 // bits
+        8 // bits
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         values = (packed[:, None] >> shifts) & (2**bits - 1)  # (nbytes, per_byte)
         return values.reshape(-1)[:numel].to(dtype)

@@ -1,0 +1,100 @@
+"""Image generation with a quantized UNet and subjects' scale sets.
+
+A diffusers StableDiffusionPipeline runs unchanged: its UNet's forward pre-hook
+(experts.py) picks each sample's expert from the scheduler's t (int or float, so
+DDIM, PNDM, Euler and DPM-Solver all work) and its scale set's slot. Prompts for
+several subjects run as ONE batch: their scale sets are stacked into the layers'
+scale tables and each prompt's samples use their own slot.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .model import get_router, quantized_layers
+from .scaleset import ScaleSet, install_scale_sets
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: list[str],
+    scale_sets: ScaleSet | list[ScaleSet] | None = None,
+    seed: int | list[int] = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | list[str] | None = None,
+    num_images_per_prompt: int = 1,
+) -> list[Image.Image]:
+    """Generate images, num_images_per_prompt per prompt, in prompt order.
+
+    scale_sets: None (the UNet's current scales), one set for every prompt, or one
+        per prompt (sets may repeat; each distinct set is installed once).
+    seed: one seed (prompt p, image j uses seed + p * num_images_per_prompt + j) or
+        one seed per prompt (image j uses seed_p + j), so a prompt's images do not
+        depend on what else is in the batch.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    per_prompt_seeds = _seeds(seed, len(prompts), num_images_per_prompt)
+    quantized = bool(quantized_layers(pipe.unet))
+    if scale_sets is not None and not quantized:
+        raise ValueError("scale sets need a quantized UNet")
+    router = get_router(pipe.unet) if quantized else None
+    if isinstance(scale_sets, ScaleSet):
+        install_scale_sets(pipe.unet, [scale_sets])
+    elif scale_sets is not None:
+        if len(scale_sets) != len(prompts):
+            raise ValueError(
+                f"{len(scale_sets)} scale sets for {len(prompts)} prompts: give "
+                "one set, or one per prompt"
+            )
+        distinct = list({id(s): s for s in scale_sets}.values())
+        install_scale_sets(pipe.unet, distinct)
+        slots = [next(i for i, d in enumerate(distinct) if d is s) for s in scale_sets]
+        router.slots = torch.tensor(slots).repeat_interleave(num_images_per_prompt)
+    device = pipe._execution_device
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in per_prompt_seeds]
+    try:
+        latents = _initial_latents(pipe, generators, height, width, device)
+        output = pipe(
+            prompt=prompts,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            num_images_per_prompt=num_images_per_prompt,
+            latents=latents,
+            output_type="pil",
+        )
+    finally:
+        if router is not None:
+            router.slots = None
+    return output.images
+
+
+def _seeds(seed: int | list[int], num_prompts: int, per_prompt: int) -> list[int]:
+    if isinstance(seed, int):
+        return [seed + i for i in range(num_prompts * per_prompt)]
+    if len(seed) != num_prompts:
+        raise ValueError(f"{len(seed)} seeds for {num_prompts} prompts: give one or one each")
+    return [s + j for s in seed for j in range(per_prompt)]
+
+
+def _initial_latents(pipe, generators, height, width, device) -> torch.Tensor:
+    """(B, C, h, w) starting noise, each sample from its own CPU generator, so images
+    are identical across devices and batch compositions."""
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (
+        pipe.unet.config.in_channels,
+        height // pipe.vae_scale_factor,
+        width // pipe.vae_scale_factor,
+    )
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return noise.to(device, pipe.text_encoder.dtype)  # the pipeline scales by init_noise_sigma

@@ -1,0 +1,170 @@
+"""Tiny Stable-Diffusion-shaped pipelines built offline, for tests and examples.
+
+Model hubs cannot be reached here, so tests build a real diffusers
+StableDiffusionPipeline from small configs (in the manner of diffusers'
+`get_dummy_components`) with a CLIP tokenizer whose files are written locally,
+save it with `save_pretrained` and load it back through `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# A small word vocabulary on top of CLIP's byte-level alphabet, so common prompt
+# words are single tokens and rare tokens ("sks") still tokenize (by characters).
+WORDS = tuple(
+    "a photo of sks zwx qvt dog cat backpack toy red green blue yellow white black "
+    "on in the with and background star circle square triangle top bottom left right "
+    "center small large".split()
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode map (openai/CLIP simple_tokenizer)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def write_clip_tokenizer_files(
+    folder: str | Path, words: tuple[str, ...] | list[str] = WORDS, max_length: int = 77
+) -> Path:
+    """Write vocab.json, merges.txt and configs of a CLIP BPE tokenizer to `folder`.
+
+    Every byte (alone and word-final) is in the vocabulary, and the merges spell out
+    each word of `words`, so any text tokenizes and listed words are one token each.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[str] = []
+    for word in words:
+        pieces = [*list(word[:-1]), word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged, *pieces[2:]]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def tiny_components(
+    seed: int = 0,
+    block_out_channels: tuple[int, ...] = (32, 64),
+    cross_attention_dim: int = 32,
+    sample_size: int = 8,
+    tokenizer_dir: str | Path | None = None,
+) -> dict:
+    """The components of a tiny StableDiffusionPipeline (random weights, seeded).
+
+    The VAE downsamples by 2 per extra block, so 16 px images give 8 px latents with
+    the default two VAE blocks.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if tokenizer_dir is None:
+        raise ValueError("tiny_components needs tokenizer_dir (see write_clip_tokenizer_files)")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    levels = len(block_out_channels)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4, 8, 8)[: len(block_out_channels)],
+        norm_num_groups=min(32, block_out_channels[0]),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=sample_size * 2,
+    )
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=cross_attention_dim,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+    }
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Build a tiny pipeline, save it with `save_pretrained` to `path`, return `path`."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    tokenizer_dir = write_clip_tokenizer_files(path / "_tokenizer_src")
+    pipe = StableDiffusionPipeline(
+        **tiny_components(seed, tokenizer_dir=tokenizer_dir, **kwargs),
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
