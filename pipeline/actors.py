@@ -1,0 +1,164 @@
+"""Ray actors: FineTuner (loads the quantized base once, trains jobs from the
+driver's queue) and ProgressTracker (a tiny shared board of per-job step progress).
+
+Both are plain classes made remote by `finetuner_actor()` / `tracker_actor()`, so the
+driver decides names and resources per run (`.options(name=..., num_gpus=...)`).
+Custom metrics (ray.util.metrics) are recorded from the FineTuner: subjects finished
+and failed, training steps, steps per second and the latest loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from typing import Any
+
+from .manifest import Job
+from .storage import Storage
+from .worker import WorkSettings, failed, train_job
+
+PROGRESS_INTERVAL_S = 0.5
+
+
+class FineTuner:
+    """Holds one quantized pipeline; trains the jobs the driver hands it, one at a time."""
+
+    def __init__(self, name: str, storage: Storage, settings: WorkSettings, num_threads: int,
+                 tracker: Any = None) -> None:
+        import torch
+
+        from tuneqdm.base import load_quantized_pipeline
+
+        from .base import local_base_path
+
+        start = time.perf_counter()
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.name = name
+        self.storage = storage
+        self.settings = settings
+        self.tracker = tracker
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        base = settings.base
+        path = local_base_path(storage, base["address"], base["fingerprint"])
+        self.pipe = load_quantized_pipeline(path, device=self.device)
+        loaded = getattr(self.pipe.unet, "tuneqdm_base_fingerprint", None)
+        if loaded != base["fingerprint"]:
+            raise RuntimeError(f"{path}: loaded base fingerprint {loaded} is not the "
+                               f"expected {base['fingerprint']}")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.load_seconds = time.perf_counter() - start
+        self.jobs_done = 0
+        self.metrics = _Metrics(name)
+
+    def info(self) -> dict[str, Any]:
+        import torch
+
+        return {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
+                "device": self.device, "threads": torch.get_num_threads(),
+                "load_seconds": round(self.load_seconds, 3), "jobs_done": self.jobs_done}
+
+    def train(self, job_data: dict[str, Any], spec_hash: str, attempt: int) -> dict[str, Any]:
+        job = Job.from_dict(job_data)
+        total = int({**self.settings.train, **job.overrides}.get("steps", 0))
+        state = {"last": 0.0, "start": time.perf_counter()}
+        self._report(job, 0, total, None)
+
+        def on_step(step: int, loss: float) -> None:
+            now = time.perf_counter()
+            self.metrics.step(loss, (step + 1) / max(now - state["start"], 1e-9))
+            if now - state["last"] >= PROGRESS_INTERVAL_S or step + 1 == total:
+                state["last"] = now
+                self._report(job, step + 1, total, loss)
+
+        try:
+            result = train_job(self.pipe, job, spec_hash, self.settings, self.storage,
+                               on_step=on_step, attempt=attempt, actor=self.name)
+        except Exception as err:  # the job's own failure; the actor stays usable
+            result = failed(job, f"{type(err).__name__}: {err}", attempt, self.name,
+                            time.perf_counter() - state["start"])
+        self.jobs_done += 1
+        self.metrics.finished(result["status"] == "done", len(job.subjects))
+        return result
+
+    def _report(self, job: Job, step: int, total: int, loss: float | None) -> None:
+        if self.tracker is None:
+            return
+        with contextlib.suppress(Exception):  # progress is best effort
+            self.tracker.update.remote(job.job_id, self.name, os.getpid(), step, total, loss)
+
+
+class ProgressTracker:
+    """job_id -> latest {actor, pid, step, total, loss, time}; read by the driver."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+
+    def update(self, job_id: str, actor: str, pid: int, step: int, total: int,
+               loss: float | None) -> None:
+        self.jobs[job_id] = {"actor": actor, "pid": pid, "step": step, "total": total,
+                             "loss": loss, "time": time.time()}
+
+    def forget(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return dict(self.jobs)
+
+
+class _Metrics:
+    """ray.util.metrics, created inside the actor process; no-ops if unavailable."""
+
+    def __init__(self, actor: str) -> None:
+        self.tags = {"actor": actor}
+        try:
+            from ray.util import metrics
+
+            self.finished_counter = metrics.Counter(
+                "tuneqdm_subjects_finished", "Subjects whose scale set was written.",
+                tag_keys=("actor",))
+            self.failed_counter = metrics.Counter(
+                "tuneqdm_subjects_failed", "Subjects that failed for their own reasons.",
+                tag_keys=("actor",))
+            self.steps_counter = metrics.Counter(
+                "tuneqdm_train_steps", "Training steps taken.", tag_keys=("actor",))
+            self.steps_per_second = metrics.Gauge(
+                "tuneqdm_train_steps_per_second", "Training steps per second of the "
+                "current job.", tag_keys=("actor",))
+            self.loss = metrics.Gauge("tuneqdm_train_loss", "Latest training loss.",
+                                      tag_keys=("actor",))
+            self.enabled = True
+        except Exception:
+            self.enabled = False
+
+    def step(self, loss: float, steps_per_second: float) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.steps_counter.inc(1, tags=self.tags)
+            self.steps_per_second.set(steps_per_second, tags=self.tags)
+            self.loss.set(loss, tags=self.tags)
+        except Exception:
+            pass
+
+    def finished(self, ok: bool, subjects: int) -> None:
+        if not self.enabled:
+            return
+        try:
+            counter = self.finished_counter if ok else self.failed_counter
+            counter.inc(subjects, tags=self.tags)
+        except Exception:
+            pass
+
+
+def finetuner_actor():
+    import ray
+
+    return ray.remote(max_restarts=0, max_task_retries=0)(FineTuner)
+
+
+def tracker_actor():
+    import ray
+
+    return ray.remote(num_cpus=0)(ProgressTracker)

@@ -1,0 +1,208 @@
+"""The actor pool: a queue of jobs, handed to whichever actor is free.
+
+The driver keeps one outstanding call per actor and waits on all of them together
+(`ray.wait(..., num_returns=1)`), so a fast actor takes the next job as soon as it
+finishes and slow jobs do not hold up the rest (Ray's "don't ray.get in a loop"
+pattern). Failures are split in two:
+
+- the job's own failure (bad photo, NaN loss) comes back as a result with status
+  "failed" from the actor, which stays alive and takes the next job;
+- the actor's death (process killed, OOM, node lost: `RayActorError`,
+  `WorkerCrashedError`, ...) kills and replaces that actor, and the job goes back to
+  the front of the queue, at most `max_retries` times.
+
+An actor that fails in its constructor (its base cannot load, say) is replaced too,
+without counting against the job; after `max_start_failures` constructor failures
+in a row with no success in between, the remaining jobs fail with that error.
+
+The scheduler knows nothing of training: `make_actor(name)` builds an actor and
+`start(actor, job, attempt)` returns an ObjectRef of the job's result dict, so the
+logic is tested with tiny stand-in actors (tests/pipeline/test_scheduler.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .manifest import Job
+
+Event = dict[str, Any]
+
+
+@dataclass
+class _Slot:
+    index: int
+    generation: int
+    name: str
+    actor: Any
+    busy: bool = False
+
+
+@dataclass
+class PoolReport:
+    """results: job_id -> result dict; attempts: job_id -> tries used;
+    replaced: names of actors that died and were replaced."""
+
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    replaced: list[str] = field(default_factory=list)
+
+
+def actor_crash_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the actor (not the job) failed."""
+    from ray import exceptions as rex
+
+    return (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError,
+            rex.OutOfMemoryError, rex.LocalRayletDiedError, rex.ObjectLostError)
+
+
+class ActorPool:
+    """Runs `jobs` on `size` actors with bounded retries; see the module docstring."""
+
+    def __init__(self, make_actor: Callable[[str], Any],
+                 start: Callable[[Any, Job, int], Any], size: int, name_prefix: str,
+                 max_retries: int = 2, max_start_failures: int | None = None,
+                 on_event: Callable[[Event], None] | None = None,
+                 on_tick: Callable[[], None] | None = None, tick_s: float = 0.5) -> None:
+        if size < 1:
+            raise ValueError(f"actor pool size {size} is invalid: must be >= 1")
+        if max_retries < 0:
+            raise ValueError(f"max_retries={max_retries} is invalid: must be >= 0")
+        self.make_actor = make_actor
+        self.start = start
+        self.size = size
+        self.name_prefix = name_prefix
+        self.max_retries = max_retries
+        self.max_start_failures = max_start_failures or 2 * size + 1
+        self.on_event = on_event or (lambda event: None)
+        self.on_tick = on_tick or (lambda: None)
+        self.tick_s = tick_s
+        self.slots: list[_Slot] = []
+        self.report = PoolReport()
+
+    def run(self, jobs: list[Job]) -> PoolReport:
+        import ray
+
+        crash_types = actor_crash_types()
+        report = self.report = PoolReport()  # kept on self: partial results on Ctrl-C
+        queue: deque[Job] = deque(jobs)
+        in_flight: dict[Any, tuple[_Slot, Job, int]] = {}
+        start_failures = 0
+        broken = ""  # set when actors keep failing to start: no more replacements
+        self.slots = [self._new_slot(i, 0) for i in range(min(self.size, len(jobs)))]
+
+        def finish(job: Job, attempt: int, actor: str, result: dict[str, Any]) -> None:
+            report.results[job.job_id] = result
+            self.on_event({"event": "finished", "job": job, "actor": actor,
+                           "attempt": attempt, "result": result})
+
+        try:
+            while queue or in_flight:
+                if broken:
+                    while queue:
+                        job = queue.popleft()
+                        finish(job, report.attempts.get(job.job_id, 0), "",
+                               _failed(job, report.attempts.get(job.job_id, 0), "", broken))
+                for slot in self.slots:
+                    if not slot.busy and queue and slot.actor is not None:
+                        job = queue.popleft()
+                        attempt = report.attempts.get(job.job_id, 0) + 1
+                        report.attempts[job.job_id] = attempt
+                        ref = self.start(slot.actor, job, attempt)
+                        slot.busy = True
+                        in_flight[ref] = (slot, job, attempt)
+                        self.on_event({"event": "started", "job": job, "actor": slot.name,
+                                       "attempt": attempt})
+                if not in_flight:
+                    continue
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.tick_s)
+                self.on_tick()
+                for ref in ready:
+                    slot, job, attempt = in_flight.pop(ref)
+                    slot.busy = False
+                    try:
+                        result = ray.get(ref)
+                    except crash_types as err:
+                        reason = _short(err)
+                        if getattr(err, "actor_init_failed", False):
+                            # Not the job's fault: give the try back.
+                            report.attempts[job.job_id] = attempt - 1
+                            start_failures += 1
+                            if start_failures >= self.max_start_failures:
+                                broken = f"no actor could start: {reason}"
+                        if broken:
+                            self._retire(slot)
+                            tries = report.attempts[job.job_id]
+                            finish(job, tries, slot.name, _failed(job, tries, slot.name,
+                                                                   broken))
+                            continue
+                        self._replace(slot, reason, report)
+                        if getattr(err, "actor_init_failed", False):
+                            queue.appendleft(job)
+                        elif attempt > self.max_retries:
+                            finish(job, attempt, slot.name, _failed(
+                                job, attempt, slot.name,
+                                f"actor died {attempt} time(s) while training it "
+                                f"(last: {reason})"))
+                        else:
+                            self.on_event({"event": "retry", "job": job, "actor": slot.name,
+                                           "attempt": attempt, "reason": reason})
+                            queue.appendleft(job)
+                        continue
+                    except ray.exceptions.RayTaskError as err:
+                        result = _failed(job, attempt, slot.name, _short(err))
+                    else:
+                        start_failures = 0
+                    finish(job, attempt, slot.name, result)
+            return report
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Kill every actor of the pool (they hold CPUs/GPUs and a loaded model)."""
+        for slot in self.slots:
+            self._retire(slot)
+        self.slots = []
+
+    def _new_slot(self, index: int, generation: int) -> _Slot:
+        name = f"{self.name_prefix}-{index}" + (f".{generation}" if generation else "")
+        return _Slot(index, generation, name, self.make_actor(name))
+
+    def _replace(self, slot: _Slot, reason: str, report: PoolReport) -> None:
+        self._retire(slot)
+        new = self._new_slot(slot.index, slot.generation + 1)
+        self.slots[self.slots.index(slot)] = new
+        report.replaced.append(slot.name)
+        self.on_event({"event": "replaced", "actor": slot.name, "new_actor": new.name,
+                       "reason": reason})
+
+    def _retire(self, slot: _Slot) -> None:
+        import ray
+
+        if slot.actor is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(slot.actor, no_restart=True)
+        slot.actor = None
+
+
+def _failed(job: Job, attempt: int, actor: str, reason: str) -> dict[str, Any]:
+    from .worker import failed
+
+    return failed(job, reason, attempt, actor)
+
+
+def _short(err: BaseException, limit: int = 400) -> str:
+    """One readable line for an error: ANSI colours removed; for an error raised in a
+    remote constructor or task, the exception line at the end of its traceback."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback" in text or 'File "' in text:
+        for line in reversed(lines):
+            if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line):
+                return f"{type(err).__name__}: {line[:limit]}"
+    return f"{type(err).__name__}: {' '.join(lines)[:limit]}"

@@ -1,0 +1,131 @@
+"""The run's summary: one row per subject, as a terminal table, summary.json and
+summary.parquet; and `status`, which rebuilds the table from storage alone.
+
+Row fields: subject_id, group, status (done | reused | failed | incomplete), final_loss,
+seconds, steps, attempts, reason, output (the subject's folder URI), actor.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from .artifacts import DONE, SUBJECTS_DIR, read_meta, subject_rel, verify_subject
+from .storage import Storage
+
+SUMMARY_JSON = "summary.json"
+SUMMARY_PARQUET = "summary.parquet"
+COLUMNS = ("subject_id", "group", "status", "final_loss", "seconds", "steps", "attempts",
+           "reason", "output", "actor")
+
+
+def row(subject_id: str, *, group: str | None = None, status: str, final_loss=None,
+        seconds=None, steps=None, attempts: int = 0, reason: str = "", output: str = "",
+        actor: str = "") -> dict[str, Any]:
+    return {"subject_id": subject_id, "group": group, "status": status,
+            "final_loss": None if final_loss is None else float(final_loss),
+            "seconds": None if seconds is None else float(seconds),
+            "steps": None if steps is None else int(steps), "attempts": int(attempts),
+            "reason": reason, "output": output, "actor": actor}
+
+
+def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    out = {"total": len(rows)}
+    for r in rows:
+        out[r["status"]] = out.get(r["status"], 0) + 1
+    return out
+
+
+def write_summary(storage: Storage, summary: dict[str, Any]) -> tuple[str, str]:
+    """Write summary.json and summary.parquet (the rows); return both URIs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = summary["subjects"]
+    schema = pa.schema([
+        ("subject_id", pa.string()), ("group", pa.string()), ("status", pa.string()),
+        ("final_loss", pa.float64()), ("seconds", pa.float64()), ("steps", pa.int64()),
+        ("attempts", pa.int64()), ("reason", pa.string()), ("output", pa.string()),
+        ("actor", pa.string()), ("run_id", pa.string()),
+    ])
+    table = pa.Table.from_pylist(
+        [{**{c: r.get(c) for c in COLUMNS}, "run_id": summary.get("run_id")} for r in rows],
+        schema=schema)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    json_uri = storage.write_json(SUMMARY_JSON, summary)
+    parquet_uri = storage.write_bytes(SUMMARY_PARQUET, buffer.getvalue())
+    return json_uri, parquet_uri
+
+
+def format_table(rows: list[dict[str, Any]], max_reason: int = 60) -> str:
+    """A plain-text table: subject, status, final loss, seconds, output (or reason)."""
+    header = ("subject", "status", "final loss", "seconds", "output / reason")
+    lines = []
+    for r in rows:
+        loss = r.get("final_loss")
+        seconds = r.get("seconds")
+        detail = r.get("output") or ""
+        if r.get("status") in ("failed", "incomplete"):
+            reason = " ".join(str(r.get("reason") or "").split())
+            detail = reason if len(reason) <= max_reason else reason[: max_reason - 3] + "..."
+        lines.append((
+            r["subject_id"] + (f" ({r['group']})" if r.get("group") else ""),
+            r.get("status", ""),
+            "-" if loss is None or (isinstance(loss, float) and math.isnan(loss))
+            else f"{loss:.4f}",
+            "-" if seconds is None else f"{seconds:.1f}",
+            detail,
+        ))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def collect_status(storage: Storage, verify: bool = False) -> tuple[list[dict[str, Any]],
+                                                                     dict[str, Any] | None]:
+    """Rows for every subject folder in storage, plus failures recorded by the last
+    run's summary.json for subjects that have no finished folder. Returns (rows,
+    last summary or None)."""
+    try:
+        last = storage.read_json(SUMMARY_JSON)
+    except (FileNotFoundError, OSError):
+        last = None
+    previous = {r["subject_id"]: r for r in (last or {}).get("subjects", [])}
+    rows: list[dict[str, Any]] = []
+    seen = set()
+    for subject_id in storage.list_dir(SUBJECTS_DIR):
+        try:
+            subject_rel(subject_id)
+        except ValueError:
+            continue  # not one of ours
+        seen.add(subject_id)
+        if verify:
+            verdict = verify_subject(storage, subject_id, None, None)
+            finished, reason, meta = verdict.done, verdict.reason, verdict.meta
+        else:
+            finished = storage.exists(subject_rel(subject_id, DONE))
+            reason = "" if finished else "unfinished (no done.json)"
+            meta = read_meta(storage, subject_id) if finished else None
+        if finished and meta is not None:
+            rows.append(row(subject_id, group=meta.get("group"), status="done",
+                            final_loss=meta.get("final_loss"), seconds=meta.get("seconds"),
+                            steps=meta.get("steps"), attempts=meta.get("attempt") or 0,
+                            output=storage.uri(subject_rel(subject_id)),
+                            actor=meta.get("actor") or ""))
+            continue
+        prev = previous.get(subject_id)
+        if prev and prev.get("status") == "failed":
+            rows.append({**prev, "status": "failed"})
+        else:
+            rows.append(row(subject_id, status="incomplete", reason=reason,
+                            output=storage.uri(subject_rel(subject_id))))
+    for subject_id, prev in previous.items():
+        if subject_id not in seen and prev.get("status") == "failed":
+            rows.append(dict(prev))
+    rows.sort(key=lambda r: r["subject_id"])
+    return rows, last

@@ -1,0 +1,201 @@
+"""Train one job (a subject, or a group trained jointly) end to end, without Ray.
+
+The FineTuner actor (actors.py) calls `train_job` with its loaded pipeline; tests can
+call it directly. Steps: load and normalise the photos (tuneqdm.images), fine-tune the
+scales (tuneqdm.train.finetune), generate a few samples with the new scale set, write
+every member's artefacts (artifacts.write_subject, completion marker last).
+
+A job that fails for its own reasons (unreadable photo, NaN loss, bad override)
+returns a "failed" result with the reason; only a crash of the process itself is left
+to the scheduler.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from .artifacts import write_subject
+from .manifest import Job, read_image_bytes
+from .storage import Storage
+
+MAX_LOSS_POINTS = 2000
+
+
+@dataclass(frozen=True)
+class WorkSettings:
+    """What every job of a run shares (sent once to each actor).
+
+    train: TrainConfig keyword arguments (steps, lr_scale_out, resolution, ...); a job's
+    CSV overrides are applied on top. samples: sample images per subject (0: none).
+    """
+
+    run_id: str
+    base: dict[str, Any]                  # address, fingerprint, source, revision
+    quant_config: dict[str, Any]
+    train: dict[str, Any] = field(default_factory=dict)
+    samples: int = 2
+    sample_steps: int = 20
+    guidance_scale: float = 7.5
+    scales_dtype: str = "float32"
+    min_image_side: int = 32
+    max_image_pixels: int = 50_000_000
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def failed(job: Job, reason: str, attempt: int = 1, actor: str = "",
+           seconds: float = 0.0) -> dict[str, Any]:
+    return {"job_id": job.job_id, "subjects": job.subject_ids, "status": "failed",
+            "reason": reason, "attempt": attempt, "actor": actor,
+            "seconds": round(seconds, 3), "final_loss": None, "steps": 0, "outputs": {}}
+
+
+def train_config_for(job: Job, settings: WorkSettings):
+    """The job's TrainConfig: run settings with the CSV's overrides on top."""
+    from tuneqdm.train import TrainConfig
+
+    return TrainConfig(**{**settings.train, **job.overrides})
+
+
+def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: Storage,
+              on_step: Callable[[int, float], None] | None = None, attempt: int = 1,
+              actor: str = "") -> dict[str, Any]:
+    """Train `job` on the loaded quantized `pipe`; write its artefacts; return a result
+    dict (status "done" or "failed" with a reason)."""
+    from tuneqdm.images import ImageLoadError, load_image
+    from tuneqdm.train import Subject, TrainingError, finetune
+
+    start = time.perf_counter()
+    try:
+        config = train_config_for(job, settings)
+    except ValueError as err:
+        return failed(job, f"bad training settings: {err}", attempt, actor)
+    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    subjects = []
+    try:
+        for spec in job.subjects:
+            images = [
+                load_image(read_image_bytes(ref.uri, settings.storage_options), name=ref.uri,
+                           min_side=settings.min_image_side,
+                           max_pixels=settings.max_image_pixels, shorter_side=resolution)
+                for ref in spec.images
+            ]
+            subjects.append(Subject(spec.subject_id, images, spec.class_noun, spec.token,
+                                    spec.prompt))
+    except ImageLoadError as err:
+        return failed(job, f"bad image: {err}", attempt, actor, time.perf_counter() - start)
+    except (FileNotFoundError, OSError) as err:
+        return failed(job, f"cannot read image: {err}", attempt, actor,
+                      time.perf_counter() - start)
+    except ValueError as err:
+        return failed(job, str(err), attempt, actor, time.perf_counter() - start)
+
+    try:
+        result = finetune(pipe, subjects, config, on_step=on_step)
+    except TrainingError as err:
+        return failed(job, f"training failed: {err}", attempt, actor,
+                      time.perf_counter() - start)
+    train_seconds = result.seconds
+    scale_set = result.scale_set
+    if scale_set is None:
+        return failed(job, "training returned no scale set", attempt, actor)
+    import torch
+
+    dtype = {"float32": torch.float32, "float16": torch.float16}[settings.scales_dtype]
+    scales = scale_set.to_bytes(dtype)
+    samples = _samples(pipe, job, scale_set, settings, config.seed, resolution)
+    losses = [float(x) for x in result.losses]
+    outputs = {}
+    for spec in job.subjects:
+        meta = {
+            "status": "done",
+            "subject_id": spec.subject_id,
+            "group": spec.group,
+            "members": job.subject_ids,
+            "job_id": job.job_id,
+            "class_noun": spec.class_noun,
+            "token": spec.token,
+            "prompt": spec.prompt,
+            "instance_prompt": spec.instance_prompt,
+            "images": [ref.uri for ref in spec.images],
+            "train_config": config.to_dict(),
+            "quant_config": settings.quant_config,
+            "base": settings.base,
+            "spec_hash": spec_hash,
+            "run_id": settings.run_id,
+            "losses": _thin(losses),
+            "final_loss": result.final_loss,
+            "steps": len(losses),
+            "train_seconds": round(train_seconds, 3),
+            "seconds": round(time.perf_counter() - start, 3),
+            "trainable_numbers": result.trainable_numbers,
+            "scale_set_bytes": len(scales),
+            "scales_dtype": settings.scales_dtype,
+            "samples": {"count": len(samples.get(spec.subject_id, [])),
+                        "steps": settings.sample_steps,
+                        "guidance_scale": settings.guidance_scale,
+                        "prompt": spec.instance_prompt},
+            "attempt": attempt,
+            "actor": actor,
+            "host": socket.gethostname(),
+            "device": str(pipe.unet.device) if hasattr(pipe.unet, "device") else "cpu",
+            "versions": library_versions(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        outputs[spec.subject_id] = write_subject(storage, spec.subject_id, scales, meta,
+                                                 samples.get(spec.subject_id, []))
+    return {"job_id": job.job_id, "subjects": job.subject_ids, "status": "done",
+            "reason": "", "attempt": attempt, "actor": actor,
+            "seconds": round(time.perf_counter() - start, 3),
+            "final_loss": result.final_loss, "steps": len(losses), "outputs": outputs}
+
+
+def _samples(pipe, job: Job, scale_set, settings: WorkSettings, seed: int,
+             resolution: int) -> dict[str, list[bytes]]:
+    """PNG bytes of `settings.samples` images per subject, from its instance prompt."""
+    from tuneqdm.generate import generate
+
+    if settings.samples <= 0:
+        return {}
+    prompts = [spec.instance_prompt for spec in job.subjects]
+    images = generate(pipe, prompts, scale_sets=scale_set, seed=seed,
+                      num_inference_steps=settings.sample_steps,
+                      guidance_scale=settings.guidance_scale, height=resolution,
+                      width=resolution, num_images_per_prompt=settings.samples)
+    out: dict[str, list[bytes]] = {}
+    for index, spec in enumerate(job.subjects):
+        chunk = images[index * settings.samples:(index + 1) * settings.samples]
+        out[spec.subject_id] = [_png(image) for image in chunk]
+    return out
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _thin(values: list[float]) -> list[float]:
+    """At most MAX_LOSS_POINTS evenly spaced points of a loss curve (last one kept)."""
+    if len(values) <= MAX_LOSS_POINTS:
+        return values
+    stride = len(values) / MAX_LOSS_POINTS
+    thinned = [values[int(i * stride)] for i in range(MAX_LOSS_POINTS - 1)]
+    return [*thinned, values[-1]]
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("tuneqdm-pipeline", "torch", "diffusers", "transformers", "safetensors",
+                    "ray", "fsspec", "s3fs", "pillow"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,171 @@
+"""subjects.csv validation: every problem is reported at once, each naming the file,
+the line and the column; valid rows become SubjectSpecs and jobs."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from pipeline_testkit import copy_photos
+
+from pipeline.manifest import (
+    DEFAULT_PROMPT,
+    ManifestError,
+    group_jobs,
+    load_manifest,
+    validate_subject_id,
+)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return copy_photos("dog", tmp_path / "dog", 2)
+
+
+def _problems(path) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_valid_manifest_resolves_folders_globs_and_relative_paths(tmp_path, photos):
+    copy_photos("cat", tmp_path / "cats", 3)
+    csv = tmp_path / "subjects.csv"
+    csv.write_text(
+        "# a comment line\n"
+        "subject_id,images,class,token,prompt,steps,lr_scale_out,seed\n"
+        "\n"
+        f"dog,{photos},dog,,,,,\n"
+        'cat-1,cats/*.jpg,cat,zwx,"a {token} {class_noun}, studio",12,1e-4,7\n'
+    )
+    specs = load_manifest(csv)
+    assert [s.subject_id for s in specs] == ["dog", "cat-1"]
+    dog, cat = specs
+    assert dog.line == 4 and cat.line == 5
+    assert len(dog.images) == 2 and dog.images[0].uri.endswith("00.jpg")
+    assert dog.images[0].size == (photos / "00.jpg").stat().st_size
+    assert dog.token == "sks" and dog.prompt == DEFAULT_PROMPT
+    assert dog.instance_prompt == "a photo of sks dog"
+    assert len(cat.images) == 3 and str(tmp_path / "cats") in cat.images[0].uri
+    assert cat.overrides == {"steps": 12, "lr_scale_out": 1e-4, "seed": 7}
+    assert cat.instance_prompt == "a zwx cat, studio"
+    jobs = group_jobs(specs)
+    assert [j.job_id for j in jobs] == ["dog", "cat-1"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "Dog", "a b", "-lead", "x" * 65, "a/b", "dög"])
+def test_bad_subject_ids_are_refused(tmp_path, photos, bad):
+    csv = tmp_path / "s.csv"
+    csv.write_text(f'subject_id,images,class\n"{bad}",{photos},dog\n')
+    (problem,) = _problems(csv)
+    assert problem.startswith(f"{csv}:2: column subject_id: ")
+    assert "a-z" in problem
+    with pytest.raises(ValueError):
+        validate_subject_id(bad)
+
+
+def test_every_problem_is_reported_with_line_and_column(tmp_path, photos):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    notes = tmp_path / "mixed"
+    copy_photos("dog", notes, 1)
+    (notes / "notes.txt").write_text("not a photo")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    Image.new("RGB", (8, 8)).save(tiny / "t.png")
+    csv = tmp_path / "subjects.csv"
+    csv.write_text(
+        "subject_id,images,class,prompt,steps\n"            # 1
+        f"dog,{photos},dog,,\n"                              # 2 fine
+        f"dog,{photos},dog,,\n"                              # 3 duplicate
+        f",{photos},dog,,\n"                                 # 4 empty id
+        f"nofolder,{tmp_path / 'missing'},dog,,\n"           # 5 missing folder
+        f"nothing,{empty},dog,,\n"                           # 6 empty folder
+        f"withtext,{notes},dog,,\n"                          # 7 non-image file
+        f"small,{tiny},dog,,\n"                              # 8 tiny image
+        f"prompt,{photos},dog,a photo of {{thing}},\n"       # 9 unknown placeholder
+        f"steps,{photos},dog,,zero\n"                        # 10 bad override
+        f"short,{photos}\n"                                  # 11 wrong field count
+        f"noclass,{photos},,,\n"                             # 12 empty class
+    )
+    problems = _problems(csv)
+    text = "\n".join(problems)
+    assert f"{csv}:3: column subject_id: duplicate id 'dog' (first used on line 2)" in text
+    assert f"{csv}:4: column subject_id: is empty" in text
+    assert f"{csv}:5: column images: cannot list" in text and "does not exist" in text
+    assert f"{csv}:6: column images: no image files found" in text
+    assert f"{csv}:7: column images: " in text and "notes.txt: not an image" in text
+    assert f"{csv}:8: column images: " in text and "t.png: too small: 8x8" in text
+    assert f"{csv}:9: column prompt: " in text and "unknown placeholder(s) ['thing']" in text
+    assert f"{csv}:10: column steps: 'zero' must be an integer" in text
+    assert f"{csv}:11: has 2 fields, the header has 5" in text
+    assert f"{csv}:12: column class: is empty" in text
+    # photos of the rows that are otherwise valid are checked too, in the same pass
+    assert len(problems) == 10
+
+
+def test_header_problems(tmp_path, photos):
+    csv = tmp_path / "h.csv"
+    csv.write_text(f"subject_id,images,colour,subject_id\nx,{photos},red,y\n")
+    text = "\n".join(_problems(csv))
+    assert "h.csv:1: column colour: unknown column; allowed: subject_id, images, class" in text
+    assert "h.csv:1: column subject_id: appears twice" in text
+    assert "h.csv:1: column class: required column is missing" in text
+
+
+def test_file_level_problems(tmp_path):
+    assert "file not found" in _problems(tmp_path / "nope.csv")[0]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert "no header row" in _problems(empty)[0]
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("subject_id,images,class\n")
+    assert "header.csv:1: no subjects" in _problems(header_only)[0]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("subject_id,images,class\ncaf\xe9,x,y\n".encode("latin-1"))
+    assert "not UTF-8" in _problems(latin)[0]
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('subject_id,images,class\n"unterminated,x,y\n')
+    assert "malformed CSV" in _problems(quoted)[0] or "fields" in _problems(quoted)[0]
+
+
+def test_multiline_cells_keep_line_numbers_right(tmp_path, photos):
+    csv = tmp_path / "m.csv"
+    csv.write_text(f'subject_id,images,class,prompt\nok,{photos},dog,"a photo of\n{{token}}"\n'
+                   f"BAD,{photos},dog,\n")
+    (problem,) = _problems(csv)
+    assert problem.startswith(f"{csv}:4: column subject_id")
+
+
+def test_groups_train_jointly_and_must_agree(tmp_path, photos):
+    csv = tmp_path / "g.csv"
+    csv.write_text(
+        "subject_id,images,class,token,group,steps\n"
+        f"a,{photos},dog,sks,pair,10\n"
+        f"b,{photos},dog,zwx,pair,10\n"
+        f"c,{photos},dog,,,\n"
+    )
+    jobs = group_jobs(load_manifest(csv))
+    assert [(j.job_id, j.subject_ids) for j in jobs] == [("pair", ["a", "b"]), ("c", ["c"])]
+    assert jobs[0].overrides == {"steps": 10}
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "subject_id,images,class,token,group,steps\n"
+        f"a,{photos},dog,sks,pair,10\n"
+        f"b,{photos},dog,sks,pair,20\n"
+    )
+    text = "\n".join(_problems(bad))
+    assert "bad.csv:3: group 'pair': training overrides {'steps': 20} differ" in text
+    assert "bad.csv:3: column token: group 'pair': token 'sks' is already used by line 2" in text
+
+
+def test_spec_hash_changes_with_settings_and_images(tmp_path, photos):
+    csv = tmp_path / "s.csv"
+    csv.write_text(f"subject_id,images,class\ndog,{photos},dog\n")
+    (job,) = group_jobs(load_manifest(csv))
+    same = job.spec_hash({"train": {"steps": 5}})
+    assert same == job.spec_hash({"train": {"steps": 5}})
+    assert same != job.spec_hash({"train": {"steps": 6}})
+    copy_photos("dog", photos, 3)  # a third photo appears
+    (job2,) = group_jobs(load_manifest(csv))
+    assert job2.spec_hash({"train": {"steps": 5}}) != same
+    assert type(job2).from_dict(job2.to_dict()) == job2
