@@ -8,6 +8,7 @@ output and input channels, one copy per timestep interval).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,11 +48,16 @@ class QuantConfig:
     mse_min_ratio: float = 0.2
 
     def __post_init__(self) -> None:
-        _check(self.bits in SUPPORTED_BITS, "bits", self.bits, f"one of {SUPPORTED_BITS}")
+        _check(
+            _is_int(self.bits) and self.bits in SUPPORTED_BITS,
+            "bits",
+            self.bits,
+            f"one of {SUPPORTED_BITS}",
+        )
         _check(isinstance(self.symmetric, bool), "symmetric", self.symmetric, "a bool")
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
         _check(
-            isinstance(self.num_experts, int) and self.num_experts >= 1,
+            _is_int(self.num_experts) and self.num_experts >= 1,
             "num_experts",
             self.num_experts,
             "an integer >= 1",
@@ -59,21 +65,20 @@ class QuantConfig:
         if self.method == "peqa":
             _check(self.num_experts == 1, "num_experts", self.num_experts, "1 for method='peqa'")
         _check(
-            isinstance(self.num_train_timesteps, int)
-            and self.num_train_timesteps >= self.num_experts,
+            _is_int(self.num_train_timesteps) and self.num_train_timesteps >= self.num_experts,
             "num_train_timesteps",
             self.num_train_timesteps,
             "an integer >= num_experts",
         )
         _check(self.rounding in ROUNDINGS, "rounding", self.rounding, f"one of {ROUNDINGS}")
         _check(
-            isinstance(self.mse_grid, int) and self.mse_grid >= 2,
+            _is_int(self.mse_grid) and self.mse_grid >= 2,
             "mse_grid",
             self.mse_grid,
             "an integer >= 2",
         )
         _check(
-            0.0 < float(self.mse_min_ratio) < 1.0,
+            _is_real(self.mse_min_ratio) and 0.0 < self.mse_min_ratio < 1.0,
             "mse_min_ratio",
             self.mse_min_ratio,
             "a number in (0, 1)",
@@ -107,6 +112,16 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"QuantConfig: unknown field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**data)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, not a bool (4.0, "4" and True are refused)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number, not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:

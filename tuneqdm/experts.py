@@ -29,7 +29,10 @@ def expert_index(
     Returns:
         int64 tensor with the shape of `timesteps`.
     """
-    t = torch.as_tensor(timesteps)
+    if isinstance(timesteps, float):  # not through float32: 249.999999 must stay < 250
+        t = torch.tensor(timesteps, dtype=torch.float64)
+    else:
+        t = torch.as_tensor(timesteps)
     if t.is_floating_point():
         index = torch.floor(t.double() * num_experts / num_train_timesteps).long()
     else:

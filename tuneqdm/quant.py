@@ -132,9 +132,9 @@ def pack_int(q: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     groups = flat.view(-1, values)  # (G, values)
-    shifts = torch.arange(values, dtype=torch.int32) * bits
+    shifts = torch.arange(values, dtype=torch.int32, device=q.device) * bits
     word = (groups << shifts).sum(dim=1, dtype=torch.int64)  # (G,) <= 24 bits used
-    byte_shifts = torch.arange(nbytes, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=q.device) * 8
     return ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
