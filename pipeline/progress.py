@@ -37,6 +37,7 @@ class ProgressDisplay:
         self.clock = clock
         self._last_log = clock()
         self._drawn = False
+        self._last_text = ""
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -113,6 +114,9 @@ class ProgressDisplay:
         text = self.line()
         if len(text) > width - 1:
             text = text[: width - 4] + "..."
+        if self._drawn and text == self._last_text:
+            return
+        self._last_text = text
         self.stream.write("\r\x1b[2K" + text)
         self.stream.flush()
         self._drawn = True
@@ -126,5 +130,6 @@ class ProgressDisplay:
     def _print(self, text: str) -> None:
         if self.live and self._drawn:
             self.stream.write("\r\x1b[2K")
+            self._drawn = False
         self.stream.write(text + "\n")
         self.stream.flush()

@@ -36,9 +36,11 @@ from .worker import WorkSettings
 
 DEFAULT_OUTPUT = "outputs/tuneqdm"
 TOY_BASE = Path(__file__).resolve().parents[1] / "models" / "toyworld-base"
-# Environment variables a local driver passes on to its workers.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TUNEQDM_CACHE", "AWS_DEFAULT_REGION",
-                 "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+# Settings a driver passes on to the workers of a remote cluster (a local Ray inherits
+# the whole environment). Never credentials: the job's runtime env is shown in the
+# dashboard; nodes should use instance roles (docs/pipeline.md).
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
 
 class SubmitError(ValueError):
@@ -75,6 +77,25 @@ class SubmitConfig:
     guidance_scale: float = 7.5
     scales_dtype: str = "float32"
     min_image_side: int = 32
+
+    def check(self) -> None:
+        """Raise SubmitError for an option outside its range (before anything starts)."""
+        checks = [
+            (self.max_retries >= 0, "--max-retries", self.max_retries, ">= 0"),
+            (self.actors is None or self.actors >= 1, "--actors", self.actors, ">= 1"),
+            (self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0,
+             "--num-gpus-per-actor", self.num_gpus_per_actor, ">= 0"),
+            (self.cpus_per_actor is None or self.cpus_per_actor > 0, "--cpus-per-actor",
+             self.cpus_per_actor, "> 0"),
+            (self.samples >= 0, "--samples", self.samples, ">= 0"),
+            (self.sample_steps >= 1, "--sample-steps", self.sample_steps, ">= 1"),
+            (self.min_image_side >= 1, "--min-image-side", self.min_image_side, ">= 1"),
+            (self.scales_dtype in ("float32", "float16"), "--scales-dtype",
+             self.scales_dtype, "float32 or float16"),
+        ]
+        for ok, name, value, allowed in checks:
+            if not ok:
+                raise SubmitError(f"{name} {value} is invalid: must be {allowed}")
 
     def quant_config(self) -> dict[str, Any]:
         from tuneqdm import QuantConfig
@@ -118,10 +139,7 @@ def submit(config: SubmitConfig, out: TextIO | None = None, err: TextIO | None =
         err.write(text + "\n")
         err.flush()
 
-    if config.max_retries < 0:
-        raise SubmitError(f"--max-retries {config.max_retries} is invalid: must be >= 0")
-    if config.scales_dtype not in ("float32", "float16"):
-        raise SubmitError(f"scales dtype {config.scales_dtype!r} is invalid: float32 or float16")
+    config.check()
     quant = config.quant_config()
     train = config.train_settings()
     specs = load_manifest(config.manifest, config.storage_options,
@@ -266,12 +284,19 @@ class _ray_session:
         import ray
 
         if not ray.is_initialized():
-            env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-            kwargs: dict[str, Any] = {"namespace": "tuneqdm", "log_to_driver": False,
-                                      "runtime_env": {"env_vars": env} if env else None}
-            if self.config.address is None:
-                kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
-            ray.init(address=self.config.address, **kwargs)
+            kwargs: dict[str, Any] = {"namespace": "tuneqdm", "log_to_driver": False}
+            address = self.config.address
+            if address is None:
+                # A fresh local instance, never someone else's `ray start` on this host;
+                # the object store only carries small results (weights go via storage).
+                address = "local"
+                kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1",
+                              object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+            else:
+                env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+                if env:
+                    kwargs["runtime_env"] = {"env_vars": env}
+            ray.init(address=address, **kwargs)
             self.owned = True
         from ray._private.worker import get_dashboard_url
 
@@ -299,16 +324,12 @@ def _plan_resources(config: SubmitConfig, cluster: dict[str, float],
     gpus_per_actor = config.num_gpus_per_actor
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus >= 1 else 0.0
-    if gpus_per_actor < 0:
-        raise SubmitError(f"--num-gpus-per-actor {gpus_per_actor} is invalid: must be >= 0")
     if gpus_per_actor > 0:
         cpus_per_actor = config.cpus_per_actor or 1.0
         actors = config.actors or max(1, int(gpus // gpus_per_actor))
     else:
         cpus_per_actor = config.cpus_per_actor or max(1.0, min(cpus, 8.0))
         actors = config.actors or max(1, int(cpus // cpus_per_actor))
-    if actors < 1:
-        raise SubmitError(f"--actors {actors} is invalid: must be >= 1")
     return {"actors": min(actors, num_jobs), "num_gpus": gpus_per_actor,
             "num_cpus": cpus_per_actor, "threads": max(1, int(cpus_per_actor))}
 

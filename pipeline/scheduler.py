@@ -109,7 +109,9 @@ class ActorPool:
                         finish(job, report.attempts.get(job.job_id, 0), "",
                                _failed(job, report.attempts.get(job.job_id, 0), "", broken))
                 for slot in self.slots:
-                    if not slot.busy and queue and slot.actor is not None:
+                    if not slot.busy and queue:
+                        if slot.actor is None:  # replaced: start the successor now
+                            slot.actor = self.make_actor(slot.name)
                         job = queue.popleft()
                         attempt = report.attempts.get(job.job_id, 0) + 1
                         report.attempts[job.job_id] = attempt
@@ -170,15 +172,20 @@ class ActorPool:
         self.slots = []
 
     def _new_slot(self, index: int, generation: int) -> _Slot:
-        name = f"{self.name_prefix}-{index}" + (f".{generation}" if generation else "")
-        return _Slot(index, generation, name, self.make_actor(name))
+        return _Slot(index, generation, self._name(index, generation),
+                     self.make_actor(self._name(index, generation)))
+
+    def _name(self, index: int, generation: int) -> str:
+        return f"{self.name_prefix}-{index}" + (f".{generation}" if generation else "")
 
     def _replace(self, slot: _Slot, reason: str, report: PoolReport) -> None:
+        """Kill a dead actor; its successor starts when the slot gets its next job."""
         self._retire(slot)
-        new = self._new_slot(slot.index, slot.generation + 1)
-        self.slots[self.slots.index(slot)] = new
-        report.replaced.append(slot.name)
-        self.on_event({"event": "replaced", "actor": slot.name, "new_actor": new.name,
+        old = slot.name
+        slot.generation += 1
+        slot.name = self._name(slot.index, slot.generation)
+        report.replaced.append(old)
+        self.on_event({"event": "replaced", "actor": old, "new_actor": slot.name,
                        "reason": reason})
 
     def _retire(self, slot: _Slot) -> None:

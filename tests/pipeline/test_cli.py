@@ -67,6 +67,8 @@ def test_unknown_column_and_missing_file(tmp_path, no_ray):
     (["--steps", "0"], "TrainConfig.steps=0 is invalid"),
     (["--resolution", "30"], "TrainConfig.resolution=30 is invalid"),
     (["--max-retries", "-1"], "--max-retries -1 is invalid"),
+    (["--actors", "0"], "--actors 0 is invalid: must be >= 1"),
+    (["--cpus-per-actor", "0"], "--cpus-per-actor 0.0 is invalid"),
     (["--storage-option", "novalue"], "use key=value"),
     (["--method", "lora"], "Invalid value for '--method'"),
     (["--base-model", "./not/here"], "no such folder"),

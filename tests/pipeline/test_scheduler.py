@@ -113,3 +113,13 @@ def test_pool_arguments_are_checked():
         ActorPool(lambda n: None, lambda a, j, t: None, 0, "x")
     with pytest.raises(ValueError, match="max_retries=-1"):
         ActorPool(lambda n: None, lambda a, j, t: None, 1, "x", max_retries=-1)
+
+
+def test_custom_metrics_record_without_errors(ray_session):
+    from pipeline.actors import _Metrics
+
+    metrics = _Metrics("test-actor")
+    assert metrics.enabled
+    metrics.step(0.5, 3.0)
+    metrics.finished(True, 2)
+    metrics.finished(False, 1)
