@@ -14,11 +14,12 @@ import sys
 import click
 
 from .manifest import ManifestError
-from .run import DEFAULT_OUTPUT, SubmitConfig, SubmitError, submit
+from .run import DEFAULT_OUTPUT, RunError, SubmitConfig, SubmitError, submit
 from .storage import Storage, StorageError, parse_storage_options
 from .summary import collect_status, format_table
 
 INPUT_ERROR = 2
+INTERRUPTED = 130
 
 
 def _storage_options(values: tuple[str, ...]) -> dict:
@@ -113,8 +114,11 @@ def submit_command(manifest: str, storage_options: tuple[str, ...], **options) -
     except SubmitError as err:
         click.echo(f"Error: {err}; nothing was launched", err=True)
         raise SystemExit(INPUT_ERROR) from None
-    except StorageError as err:
+    except (StorageError, RunError) as err:
         raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        raise SystemExit(INTERRUPTED) from None
     raise SystemExit(report.exit_code)
 
 

@@ -347,8 +347,13 @@ class _Parser:
         for spec in specs:
             if spec.group:
                 groups.setdefault(spec.group, []).append(spec)
+        line_of = {spec.subject_id: spec.line for spec in specs}
         for group, members in groups.items():
             first = members[0]
+            outsider = line_of.get(group)
+            if outsider is not None and group not in [m.subject_id for m in members]:
+                self.problem(first.line, "group", f"group {group!r} has the name of the "
+                             f"subject on line {outsider}, which is not in it; rename one")
             tokens: dict[str, int] = {}
             for member in members:
                 if member.overrides != first.overrides:

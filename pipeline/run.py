@@ -47,6 +47,10 @@ class SubmitError(ValueError):
     """A problem with the submit's options (not with a subject); nothing was launched."""
 
 
+class RunError(RuntimeError):
+    """The run itself could not go on (the base did not quantize, say)."""
+
+
 @dataclass(frozen=True)
 class SubmitConfig:
     """Everything `tuneqdm-pipeline submit` takes. None means "decide from the cluster"
@@ -191,8 +195,15 @@ def submit(config: SubmitConfig, out: TextIO | None = None, err: TextIO | None =
                     f"N={quant['num_experts']}) -> {base_info['uri']}")
                 task = quantize_task().options(name=f"tuneqdm-quantize-{address[:8]}",
                                                num_cpus=resources["num_cpus"])
-                base_done = ray.get(task.remote(storage, address, source, config.revision,
-                                                quant, resources["threads"]))
+                try:
+                    base_done = ray.get(task.remote(storage, address, source,
+                                                    config.revision, quant,
+                                                    resources["threads"]))
+                except ray.exceptions.RayError as error:
+                    from .scheduler import short_error
+
+                    raise RunError(f"quantizing {source} failed: {short_error(error)}"
+                                   ) from None
                 base_info["quantized_this_run"] = True
                 say(f"quantized in {base_done['quantize_seconds']:.1f} s "
                     f"(fingerprint {base_done['fingerprint'][:12]})")

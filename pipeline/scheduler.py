@@ -130,7 +130,7 @@ class ActorPool:
                     try:
                         result = ray.get(ref)
                     except crash_types as err:
-                        reason = _short(err)
+                        reason = short_error(err)
                         if getattr(err, "actor_init_failed", False):
                             # Not the job's fault: give the try back.
                             report.attempts[job.job_id] = attempt - 1
@@ -157,7 +157,7 @@ class ActorPool:
                             queue.appendleft(job)
                         continue
                     except ray.exceptions.RayTaskError as err:
-                        result = _failed(job, attempt, slot.name, _short(err))
+                        result = _failed(job, attempt, slot.name, short_error(err))
                     else:
                         start_failures = 0
                     finish(job, attempt, slot.name, result)
@@ -203,7 +203,7 @@ def _failed(job: Job, attempt: int, actor: str, reason: str) -> dict[str, Any]:
     return failed(job, reason, attempt, actor)
 
 
-def _short(err: BaseException, limit: int = 400) -> str:
+def short_error(err: BaseException, limit: int = 400) -> str:
     """One readable line for an error: ANSI colours removed; for an error raised in a
     remote constructor or task, the exception line at the end of its traceback."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))

@@ -155,6 +155,14 @@ def test_groups_train_jointly_and_must_agree(tmp_path, photos):
     )
     text = "\n".join(_problems(bad))
     assert "bad.csv:3: group 'pair': training overrides {'steps': 20} differ" in text
+    clash = tmp_path / "clash.csv"
+    clash.write_text(
+        "subject_id,images,class,token,group\n"
+        f"a,{photos},dog,sks,c\n"
+        f"c,{photos},dog,zwx,\n"
+    )
+    assert "clash.csv:2: column group: group 'c' has the name of the subject on line 3" in (
+        _problems(clash)[0])
     assert "bad.csv:3: column token: group 'pair': token 'sks' is already used by line 2" in text
 
 

@@ -228,3 +228,15 @@ def _no_stray_named_actors(ray_session):
             return
         time.sleep(0.5)
     raise AssertionError(f"actors left running: {names}")
+
+
+def test_base_that_cannot_be_quantized_fails_cleanly(ray_session, tmp_path):
+    csv = write_csv(tmp_path / "s.csv", [{"subject_id": "dog", "class": "dog",
+                                          "images": str(copy_photos("dog", tmp_path / "d", 1))}])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["submit", str(csv), "--output", str(out),
+                                       "--base-model", "nobody/no-such-model", *FAST])
+    assert result.exit_code == 1, result.output
+    assert "Error: quantizing nobody/no-such-model failed: " in result.output
+    assert "Traceback" not in result.output
+    assert not list(out.glob("bases/*/done.json"))
