@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import is_image_name, load_image
+
 PROMPT_FIELDS = ("token", "class_noun")
 
 
@@ -174,10 +176,7 @@ def prepare_data(
 
 
 def load_image_folder(folder: str | Path) -> list[Image.Image]:
-    """Every image file of a folder, sorted by name, as RGB."""
-    paths = sorted(
-        p
-        for p in Path(folder).iterdir()
-        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-    )
-    return [Image.open(p).convert("RGB") for p in paths]
+    """Every image file of a folder, sorted by name, as upright RGB (images.load_image:
+    EXIF rotation, transparency on white, odd modes; bad files raise ImageLoadError)."""
+    paths = sorted(p for p in Path(folder).iterdir() if is_image_name(p.name))
+    return [load_image(p) for p in paths]
