@@ -35,6 +35,7 @@ from .scaleset import ScaleSet
 
 METHODS = ("scales", "full", "lora")
 DEFAULT_LR = {"scales": 3e-6, "full": 5e-6, "lora": 1e-4}
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 __all__ = ["Subject", "TrainConfig", "TrainResult", "TrainingError", "finetune"]
 
@@ -55,6 +56,7 @@ class TrainConfig:
     resolution: training image size (None: the UNet's sample size times the VAE factor).
     prior_preservation: add class images (from class_images_dir, else generated once by
         the pipeline itself and cached in class_images_cache) with prior_loss_weight.
+    optimizer: "adamw" (torch) or "adamw8bit" (bitsandbytes, 8-bit moments).
     """
 
     method: str = "scales"
@@ -74,10 +76,12 @@ class TrainConfig:
     num_class_images: int = 8
     class_image_steps: int = 25
     gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         checks = [
             (self.method in METHODS, "method", f"one of {METHODS}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
             (self.steps >= 1, "steps", ">= 1"),
             (self.batch_size >= 1, "batch_size", ">= 1"),
             (self.lr is None or self.lr > 0, "lr", "> 0"),
@@ -160,7 +164,7 @@ def train_unet(
     """The loop: AdamW over `groups`, constant lr, gradient clipping, seeded."""
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = make_optimizer(groups, config.optimizer)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -189,6 +193,18 @@ def train_unet(
         seconds=time.perf_counter() - start,
         trainable_numbers=sum(p.numel() for p in params),
     )
+
+
+def make_optimizer(groups: list[dict[str, Any]], name: str) -> torch.optim.Optimizer:
+    """AdamW without weight decay; "adamw8bit" keeps Adam's moments in 8 bits
+    (bitsandbytes), which matters for full fine-tuning (two fp32 moments per weight
+    would otherwise double the model's memory) and is harmless for small scale
+    vectors (bitsandbytes keeps tensors under 4096 numbers in 32 bits)."""
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, weight_decay=0.0)
+    return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
 def training_loss(

@@ -151,3 +151,10 @@ def test_subject_prompt_template_is_checked(dog_images):
         Subject("x", dog_images, "dog", prompt="a photo of {name}")
     with pytest.raises(ValueError, match="no images"):
         Subject("x", [], "dog")
+
+
+def test_8bit_adam_trains_the_full_reference(tiny_pipeline_dir, dog):
+    pipe = load_float_pipeline(tiny_pipeline_dir)
+    config = TrainConfig(**{**FAST, "method": "full", "lr": 1e-3, "optimizer": "adamw8bit"})
+    result = finetune(pipe, [dog], config)
+    assert result.final_loss < result.losses[0]
