@@ -14,16 +14,43 @@ box filter over each group's kernel window (a conv with an all-ones kernel).
 Scales are per sample, (B, out) and (B, in), so one batch can mix timesteps (experts)
 and subjects. Autograd keeps the layer input and the pre-scale output u; the float
 weight is re-expanded from the packed integers in backward and never saved.
+
+Speed on CPU (benchmarks/train_memory.py, docs/benchmarks.md): the expanded weight is
+written into a buffer reused by every call of the thread (`_transient_buffer`), since a
+fresh allocation of it costs more in page faults than the conversion; and the
+zero-point and scale corrections are in-place fused multiply-adds (addcmul), so a
+layer runs few element-wise passes over its activations.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .quant import unpack_unsigned
+
+_THREAD_BUFFERS = threading.local()
+
+
+def _transient_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat (numel,) CPU buffer of `dtype`, reused by every kernel call of this thread.
+
+    Valid until the next call in the same thread. It grows to the largest layer and
+    stays (59 MB in fp32 for SD v1's largest, a 1280 x 1280 x 3 x 3 conv). Why: on
+    CPU, glibc returns large freed blocks to the OS, so a fresh weight-sized tensor
+    faults every page in again; that cost 6x the uint8 -> float conversion itself here.
+    """
+    buffers = getattr(_THREAD_BUFFERS, "by_dtype", None)
+    if buffers is None:
+        buffers = _THREAD_BUFFERS.by_dtype = {}
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 @dataclass
@@ -40,11 +67,18 @@ class PackedWeight:
     zero_u: torch.Tensor
 
     def expand(self, dtype: torch.dtype) -> torch.Tensor:
-        """W_u = W_q - qmin as `dtype`, shape `self.shape` (a transient copy)."""
-        numel = 1
-        for size in self.shape:
-            numel *= size
+        """W_u = W_q - qmin as `dtype`, shape `self.shape` (a new tensor)."""
+        numel = math.prod(self.shape)
         return unpack_unsigned(self.packed, self.bits, numel, dtype).view(self.shape)
+
+    def expand_transient(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_u like `expand`, on CPU written into this thread's reused buffer: only valid
+        until the next `expand_transient` of the thread, so use it and drop it."""
+        if self.packed.device.type != "cpu":
+            return self.expand(dtype)  # the CUDA caching allocator already reuses memory
+        numel = math.prod(self.shape)
+        out = _transient_buffer(numel, dtype)
+        return unpack_unsigned(self.packed, self.bits, numel, dtype, out=out).view(self.shape)
 
 
 @dataclass(frozen=True)
@@ -62,6 +96,13 @@ def _per_sample(scale: torch.Tensor, ndim: int, channel_dim: int, dtype: torch.d
     return scale.to(dtype).view(shape)
 
 
+def _scale_and_bias(u: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, view):
+    """u * scale + bias in one pass; bias (C,) viewed as `view` to broadcast."""
+    if bias is None:
+        return u * scale
+    return torch.addcmul(bias.to(u.dtype).view(view), u, scale)
+
+
 class ScaledQuantLinear(torch.autograd.Function):
     """y = s_out * (W_u @ (s_in x) - z_u * sum(s_in x)) + bias, per-sample scales.
 
@@ -72,13 +113,11 @@ class ScaledQuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale_in, scale_out, bias, weight: PackedWeight):
         xs = x if scale_in is None else x * _per_sample(scale_in, x.dim(), -1, x.dtype)
-        w_u = weight.expand(x.dtype)  # (out, in)
-        u = F.linear(xs, w_u)
-        u = u - weight.zero_u.to(x.dtype) * xs.sum(dim=-1, keepdim=True)  # (B, ..., out)
-        del w_u, xs
-        y = u * _per_sample(scale_out, u.dim(), -1, u.dtype)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+        u = F.linear(xs, weight.expand_transient(x.dtype))  # (B, ..., out)
+        # u -= z_u * sum(xs), in place
+        u.addcmul_(xs.sum(dim=-1, keepdim=True), weight.zero_u.to(x.dtype), value=-1)
+        del xs
+        y = _scale_and_bias(u, _per_sample(scale_out, u.dim(), -1, u.dtype), bias, (-1,))
         ctx.weight = weight
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, scale_in, scale_out, u)
@@ -91,17 +130,17 @@ class ScaledQuantLinear(torch.autograd.Function):
         sum_dims = tuple(range(1, grad_y.dim() - 1))  # token dims between B and channels
         grad_scale_out = _reduce(grad_y * u, sum_dims).to(scale_out.dtype)  # (B, out)
         grad_u = grad_y * _per_sample(scale_out, grad_y.dim(), -1, grad_y.dtype)
-        w_u = weight.expand(grad_y.dtype)
-        grad_xs = grad_u @ w_u  # (B, ..., in)
-        del w_u
-        grad_xs = grad_xs - (grad_u @ weight.zero_u.to(grad_u.dtype)).unsqueeze(-1)
         grad_scale_in = grad_x = None
-        if scale_in is None:
-            grad_x = grad_xs
-        else:
-            if ctx.needs_input_grad[1]:
+        want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
+        if ctx.needs_input_grad[0] or want_scale_in:
+            grad_xs = torch.matmul(grad_u, weight.expand_transient(grad_u.dtype))  # (B, ..., in)
+            grad_xs -= (grad_u @ weight.zero_u.to(grad_u.dtype)).unsqueeze(-1)
+            if want_scale_in:
                 grad_scale_in = _reduce(grad_xs * x, sum_dims).to(scale_in.dtype)
-            grad_x = grad_xs * _per_sample(scale_in, x.dim(), -1, grad_xs.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_xs
+                if scale_in is not None:
+                    grad_x = grad_xs.mul_(_per_sample(scale_in, x.dim(), -1, grad_xs.dtype))
         grad_bias = None
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
@@ -119,18 +158,20 @@ class ScaledQuantConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale_in, scale_out, bias, weight: PackedWeight, geo: ConvGeometry):
         xs = x if scale_in is None else x * _per_sample(scale_in, 4, 1, x.dtype)
-        w_u = weight.expand(x.dtype)  # (Cout, Cin / groups, kh, kw)
+        w_u = weight.expand_transient(x.dtype)  # (Cout, Cin / groups, kh, kw)
         u = F.conv2d(xs, w_u, None, geo.stride, geo.padding, geo.dilation, geo.groups)
         del w_u
         box = F.conv2d(
             xs, _box_kernel(weight, geo, x), None, geo.stride, geo.padding, geo.dilation, geo.groups
         )  # (B, groups, H', W')
         del xs
-        zero = weight.zero_u.to(x.dtype).view(1, -1, 1, 1)
-        u = u - zero * box.repeat_interleave(weight.shape[0] // geo.groups, dim=1)
-        y = u * _per_sample(scale_out, 4, 1, u.dtype)
-        if bias is not None:
-            y = y + bias.to(y.dtype).view(1, -1, 1, 1)
+        # u -= z_u * box, in place; output channel o reads the box of its group
+        zero = weight.zero_u.to(x.dtype)
+        groups, per_group = geo.groups, weight.shape[0] // geo.groups
+        u_grouped = u.unflatten(1, (groups, per_group))  # (B, G, Cout / G, H', W')
+        u_grouped.addcmul_(box.unsqueeze(2), zero.view(1, groups, per_group, 1, 1), value=-1)
+        del box
+        y = _scale_and_bias(u, _per_sample(scale_out, 4, 1, u.dtype), bias, (1, -1, 1, 1))
         ctx.weight, ctx.geo, ctx.has_bias = weight, geo, bias is not None
         ctx.save_for_backward(x, scale_in, scale_out, u)
         return y
@@ -142,18 +183,21 @@ class ScaledQuantConv2d(torch.autograd.Function):
         geo: ConvGeometry = ctx.geo
         grad_scale_out = (grad_y * u).sum(dim=(2, 3)).to(scale_out.dtype)  # (B, Cout)
         grad_u = grad_y * _per_sample(scale_out, 4, 1, grad_y.dtype)
-        batch, cout, out_h, out_w = grad_u.shape
-        zero = weight.zero_u.to(grad_u.dtype).view(1, -1, 1, 1)
-        grad_box = (grad_u * zero).view(batch, geo.groups, cout // geo.groups, out_h, out_w)
-        grad_xs = _conv_input_grad(x, weight.expand(grad_u.dtype), grad_u, geo)
-        grad_xs = grad_xs - _conv_input_grad(x, _box_kernel(weight, geo, x), grad_box.sum(2), geo)
         grad_scale_in = grad_x = None
-        if scale_in is None:
-            grad_x = grad_xs
-        else:
-            if ctx.needs_input_grad[1]:
+        want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
+        if ctx.needs_input_grad[0] or want_scale_in:
+            grad_xs = _conv_input_grad(x, weight.expand_transient(grad_u.dtype), grad_u, geo)
+            # the box term: grad_box[b, g] = sum over g's outputs o of z_u[o] grad_u[b, o],
+            # a grouped 1x1 conv with the zero points as its kernel
+            zero = weight.zero_u.to(grad_u.dtype).view(geo.groups, -1, 1, 1)
+            grad_box = F.conv2d(grad_u, zero, groups=geo.groups)  # (B, G, H', W')
+            grad_xs -= _conv_input_grad(x, _box_kernel(weight, geo, x), grad_box, geo)
+            if want_scale_in:
                 grad_scale_in = (grad_xs * x).sum(dim=(2, 3)).to(scale_in.dtype)
-            grad_x = grad_xs * _per_sample(scale_in, 4, 1, grad_xs.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_xs
+                if scale_in is not None:
+                    grad_x = grad_xs.mul_(_per_sample(scale_in, 4, 1, grad_xs.dtype))
         grad_bias = None
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_y.sum(dim=(0, 2, 3))

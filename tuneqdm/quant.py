@@ -126,6 +126,17 @@ def pack_int(q: torch.Tensor, bits: int) -> torch.Tensor:
         (packed_nbytes(q.numel(), bits),) uint8.
     """
     offset = 2 ** (bits - 1)
+    if bits in (8, 4, 2):  # whole values per byte: byte-wise shifts and ors
+        unsigned = (q.reshape(-1).to(torch.int16) + offset).to(torch.uint8)  # (numel,)
+        per_byte = 8 // bits
+        pad = (-unsigned.numel()) % per_byte
+        if pad:
+            unsigned = torch.cat([unsigned, unsigned.new_zeros(pad)])
+        lanes = unsigned.view(-1, per_byte)  # (nbytes, per_byte), value i at bits i * b
+        packed = lanes[:, 0].clone()
+        for i in range(1, per_byte):
+            packed |= lanes[:, i] << (i * bits)
+        return packed
     flat = (q.reshape(-1).to(torch.int16) + offset).to(torch.int32)  # unsigned values
     values, nbytes = _group(bits)
     pad = (-flat.numel()) % values
@@ -139,20 +150,37 @@ def pack_int(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_unsigned(
-    packed: torch.Tensor, bits: int, numel: int, dtype: torch.dtype = torch.uint8
+    packed: torch.Tensor,
+    bits: int,
+    numel: int,
+    dtype: torch.dtype = torch.uint8,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of `pack_int` without the offset: flat (numel,) values q - qmin in `dtype`.
 
     The fast paths (8, 4, 2 bits) are a few byte-wise ops, cheap enough to run in
     every forward and backward instead of keeping unpacked integers around.
+
+    Args:
+        out: optional flat (numel,) tensor of `dtype` to write into (the kernels pass
+            a reused buffer: on CPU a fresh allocation costs more page faults than the
+            conversion itself). Returned when given.
     """
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+    elif out.shape != (numel,) or out.dtype != dtype:
+        raise ValueError(f"out must be ({numel},) {dtype}, got {tuple(out.shape)} {out.dtype}")
     if bits == 8:
-        return packed[:numel].to(dtype)
+        return out.copy_(packed[:numel])
+    if bits == 4 and numel % 2 == 0:  # low nibble first: two strided lane copies
+        lanes = out.view(-1, 2)  # (nbytes, 2)
+        lanes[:, 0].copy_(packed & 0x0F)
+        lanes[:, 1].copy_(packed >> 4)
+        return out
     if bits in (4, 2):
-        8 // bits
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        values = (packed[:, None] >> shifts) & (2**bits - 1)  # (nbytes, per_byte)
-        return values.reshape(-1)[:numel].to(dtype)
+        values = (packed[:, None] >> shifts) & (2**bits - 1)  # (nbytes, 8 / bits)
+        return out.copy_(values.reshape(-1)[:numel])
     values, nbytes = _group(bits)
     groups = packed.view(-1, nbytes).to(torch.int32)
     word = (groups << (torch.arange(nbytes, dtype=torch.int32, device=packed.device) * 8)).sum(
@@ -160,7 +188,7 @@ def unpack_unsigned(
     )
     shifts = torch.arange(values, dtype=torch.int32, device=packed.device) * bits
     unpacked = (word[:, None] >> shifts) & (2**bits - 1)
-    return unpacked.reshape(-1)[:numel].to(dtype)
+    return out.copy_(unpacked.reshape(-1)[:numel])
 
 
 def unpack_int(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:

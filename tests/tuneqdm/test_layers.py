@@ -293,3 +293,73 @@ def test_skeleton_loads_state_dict_and_matches():
     model.tuneqdm_router.rows = skeleton.tuneqdm_router.rows = rows
     x = torch.randn(3, 3, 4, 4)
     torch.testing.assert_close(skeleton(x), model(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def test_network_parity_float64_with_reused_weight_buffer():
+    # several quantized layers in a row share the kernels' transient weight buffer
+    # (functional._transient_buffer): the whole network must still match plain
+    # autograd through its dequantized weights, forward and backward.
+    torch.manual_seed(0)
+    original = small_network().double()
+    model = copy.deepcopy(original)
+    quantize_(model, QuantConfig(bits=4, num_experts=2))
+    model.double()
+    layers = quantized_layers(model)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.scale_out.mul_(1 + 0.2 * torch.randn_like(layer.scale_out))
+            layer.scale_in.mul_(1 + 0.2 * torch.randn_like(layer.scale_in))
+    model.tuneqdm_router.rows = torch.ones(3, dtype=torch.long)  # expert 1 for all
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    grad_y = torch.randn_like(y)
+    scales = [p for layer in layers.values() for p in (layer.scale_out, layer.scale_in)]
+    grads = torch.autograd.grad(y, [x, *scales], grad_y)
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    scales_ref = [p.detach().clone().requires_grad_(True) for p in scales]
+    params = {}
+    for i, (name, layer) in enumerate(layers.items()):
+        s_out, s_in = scales_ref[2 * i], scales_ref[2 * i + 1]
+        params[f"{name}.weight"] = reference_weight(layer, s_out, s_in, row=1)
+    y_ref = functional_call(original, params, (x_ref,))
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *scales_ref], grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_expand_transient_reuses_one_buffer():
+    a = QuantLinear.from_float(nn.Linear(10, 8), QuantConfig(bits=4))._packed_weight()
+    b = QuantConv2d.from_float(nn.Conv2d(3, 2, 3), QuantConfig(bits=3))._packed_weight()
+    wa = a.expand_transient(torch.float32)
+    assert torch.equal(wa, a.expand(torch.float32)) and wa.shape == (8, 10)
+    pointer = wa.data_ptr()
+    wb = b.expand_transient(torch.float32)
+    assert torch.equal(wb, b.expand(torch.float32)) and wb.shape == (2, 3, 3, 3)
+    assert wb.data_ptr() == pointer  # the same memory: valid until the next call
+
+
+def test_layers_in_parallel_threads():
+    # the transient buffer is per thread: concurrent forwards (a serving thread pool)
+    # must not see each other's weights
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    layers = [
+        QuantLinear.from_float(nn.Linear(64, 64), QuantConfig.peqa(bits=8)),
+        QuantConv2d.from_float(nn.Conv2d(8, 8, 3, padding=1), QuantConfig.peqa(bits=4)),
+    ]
+    inputs = [torch.randn(2, 64), torch.randn(2, 8, 6, 6)]
+    with torch.no_grad():
+        expected = [layer(x) for layer, x in zip(layers, inputs, strict=True)]
+
+    def run(i):
+        with torch.no_grad():
+            return all(torch.equal(layers[i](inputs[i]), expected[i]) for _ in range(50))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, [0, 1] * 4))
