@@ -31,19 +31,23 @@ def quantize_(
         raise TypeError("quantize_ replaces children: wrap a lone layer in nn.Sequential")
     if quantized_layers(module):
         raise ValueError("module is already quantized")
-    targets = [
-        (name, child)
+    # names only: holding the float layers in a list would keep every float weight
+    # alive until the end, on top of the quantized copies
+    names = [
+        name
         for name, child in module.named_modules()
         if isinstance(child, (nn.Linear, nn.Conv2d))
         and (filter_fn is None or filter_fn(child, name))
     ]
-    for name, child in targets:
+    for name in names:
+        child = module.get_submodule(name)
         with torch.no_grad():
             if isinstance(child, nn.Linear):
                 quantized = QuantLinear.from_float(child, config)
             else:
                 quantized = QuantConv2d.from_float(child, config)
         _set_submodule(module, name, quantized)
+        del child, quantized
     return _freeze_and_route(module, config)
 
 

@@ -363,3 +363,23 @@ def test_layers_in_parallel_threads():
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(run, [0, 1] * 4))
+
+
+def test_quantize_releases_float_weights_as_it_goes(monkeypatch):
+    # regression: quantize_ listed (name, layer) pairs first, so every float weight
+    # stayed alive until it returned (peak = float model + quantized model)
+    import weakref
+
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    refs = [weakref.ref(layer.weight) for layer in model]
+    alive_at_each_call = []
+    original = QuantLinear.from_float.__func__
+
+    def spy(cls, linear, config):
+        alive_at_each_call.append(sum(ref() is not None for ref in refs))
+        return original(cls, linear, config)
+
+    monkeypatch.setattr(QuantLinear, "from_float", classmethod(spy))
+    quantize_(model, QuantConfig(bits=4))
+    assert alive_at_each_call == [4, 3, 2, 1]  # only the not yet quantized ones
+    assert all(ref() is None for ref in refs)
