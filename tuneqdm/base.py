@@ -69,6 +69,11 @@ def load_float_pipeline(
     source: str | Path, revision: str | None = None, dtype: torch.dtype = torch.float32
 ):
     """`StableDiffusionPipeline.from_pretrained` on a hub id or local path, checked."""
+    return _from_pretrained(source, revision, dtype)
+
+
+def _from_pretrained(source, revision, dtype, **components):
+    """from_pretrained without a safety checker; asserts the tokenizer really loaded."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -77,6 +82,7 @@ def load_float_pipeline(
         dtype=dtype,
         safety_checker=None,
         requires_safety_checker=False,
+        **components,
     )
     _check_tokenizer(pipe.tokenizer, source)
     return pipe
@@ -207,18 +213,8 @@ def load_quantized_pipeline(
     Text encoder and VAE are loaded in `dtype`; the quantized layers compute in the
     dtype of their input and keep fp32 scales.
     """
-    from diffusers import StableDiffusionPipeline
-
     unet = load_quantized_unet(path, device, config_override)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path),
-        unet=unet,
-        dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    _check_tokenizer(pipe.tokenizer, path)
+    pipe = _from_pretrained(path, None, dtype, unet=unet, feature_extractor=None)
     pipe.to(device)
     _float_non_quantized(unet, dtype)
     return pipe
