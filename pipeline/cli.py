@@ -154,5 +154,12 @@ def status_command(output: str, storage_options: tuple[str, ...], verify: bool,
     click.echo(f"{len(rows)} subject(s): {parts}{when}")
 
 
+# `serve` and `generate` live in deploy/ (the Ray Serve app and its HTTP API).
+from deploy.cli import generate_command, serve_command  # noqa: E402
+
+main.add_command(serve_command)
+main.add_command(generate_command)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,253 @@
+"""The Ray Serve application: a thin FastAPI ingress and the subject model replicas.
+
+    HTTP --> Ingress (FastAPI, http.py; cheap: validation, catalog, routing)
+               | handle.options(multiplexed_model_id=<subject id>).generate
+               v
+             SubjectModel replicas, each:
+               - loads the quantized base ONCE (Engine), with a ScaleBank of
+                 `max_subjects_per_replica` preallocated slots;
+               - loads a subject's scale set on first use from storage through
+                 `@serve.multiplexed` (checksum, fingerprint and shape checked; LRU
+                 of the same size), so Serve routes a subject's requests to replicas
+                 that already hold it;
+               - batches concurrent requests of ANY subjects into one UNet batch
+                 with its own asyncio batcher (batcher.py; `@serve.batch` would split
+                 them by subject).
+
+`build_app(ServeSettings(...))` is the typed seam between the CLI (or a Serve config
+file: `deploy.app:app_builder`) and Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from .batcher import MixedBatcher
+from .engine import Engine, GenerationRequest, LoadedSubject
+from .errors import InvalidRequest
+from .http import create_api
+from .params import GenerationParams, Limits
+from .store import SubjectCatalog, SubjectInfo, SubjectStore, check_subject_id
+
+
+class ServeSettings(BaseModel):
+    """Everything `tuneqdm-pipeline serve` configures (all replicas share it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: str = Field(description="the submit's --output: local folder or s3:// prefix")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    base: str | None = Field(None, description="base address under bases/; default: the "
+                                               "only one, or the last submit's")
+    name: str = "tuneqdm"
+    route_prefix: str = "/"
+    replicas: int | None = Field(1, ge=1, description="fixed replica count")
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    num_cpus_per_replica: float = Field(1.0, ge=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.1, ge=0)
+    max_subjects_per_replica: int = Field(16, ge=1, le=4096)
+    max_batch_images: int = Field(8, ge=1, le=1024)
+    batch_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    max_queued_images: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1, description="per model replica")
+    max_queued_requests: int = Field(512, ge=-1, description="per handle; -1: no limit")
+    device: str = "auto"
+    dtype: str = "auto"
+    torch_threads: int | None = Field(None, ge=1)
+    catalog_ttl_s: float = Field(10.0, ge=0)
+    limits: dict[str, Any] = Field(default_factory=dict, description="Limits fields")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeSettings:
+        autoscaling = self.min_replicas is not None or self.max_replicas is not None
+        if autoscaling and (self.min_replicas is None or self.max_replicas is None):
+            raise ValueError("give both min_replicas and max_replicas for autoscaling")
+        if autoscaling and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas "
+                             f"{self.max_replicas}")
+        limits = self.request_limits()
+        if limits.max_images > self.max_batch_images:
+            raise ValueError(f"max_images {limits.max_images} > max_batch_images "
+                             f"{self.max_batch_images}: one request must fit a batch")
+        if self.max_queued_images < self.max_batch_images:
+            raise ValueError(f"max_queued_images {self.max_queued_images} < "
+                             f"max_batch_images {self.max_batch_images}")
+        return self
+
+    def request_limits(self) -> Limits:
+        return Limits(**self.limits)
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None
+
+
+def _short_replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return "local"
+
+
+@serve.deployment(name="SubjectModel", health_check_period_s=10)
+class SubjectModel:
+    """One replica: the base loaded once, subjects multiplexed, requests batched."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        import torch
+
+        threads = settings.torch_threads or max(1, int(settings.num_cpus_per_replica))
+        torch.set_num_threads(threads)  # Ray sets 1 thread in workers (DESIGN section 5)
+        self.settings = settings
+        self.store = SubjectStore(settings.output, settings.storage_options, settings.base)
+        self.engine = Engine(self.store.local_base_path(), self.store.base.fingerprint,
+                             capacity=settings.max_subjects_per_replica,
+                             device=settings.device, dtype=settings.dtype)
+        self.batcher = MixedBatcher(
+            self.engine.run, key=lambda r: r.params.batch_key, subject=lambda r: r.subject.key,
+            images=lambda r: r.params.num_images, max_batch_images=settings.max_batch_images,
+            max_distinct=settings.max_subjects_per_replica,
+            wait_s=settings.batch_wait_ms / 1000, max_queued_images=settings.max_queued_images)
+        self.replica = _short_replica_id()
+        self.loads = 0
+
+        async def load_subject(subject_id: str) -> LoadedSubject:
+            """Serve's model loader: storage -> checked ScaleSet (host memory)."""
+            scale_set, info = await asyncio.to_thread(self.store.read_scale_set, subject_id)
+            self.engine.check_fits(scale_set)
+            self.loads += 1
+            return LoadedSubject(info, scale_set, on_evict=self.engine.bank.demote)
+
+        # Wired at init time so the cache size can come from the settings; Serve
+        # detects multiplexed loaders stored on the instance.
+        self.get_subject = serve.multiplexed(
+            max_num_models_per_replica=settings.max_subjects_per_replica)(load_subject)
+
+    async def generate(self, params: GenerationParams) -> dict[str, Any]:
+        """Images for the request's multiplexed subject id."""
+        subject_id = serve.get_multiplexed_model_id()
+        if not subject_id:
+            raise InvalidRequest("no subject: call with multiplexed_model_id=<subject id>")
+        check_subject_id(subject_id)
+        subject = await self.get_subject(subject_id)
+        state = "loaded" if subject.fresh else "cached"
+        subject.fresh = False
+        result = await self.batcher.submit(GenerationRequest(subject, params))
+        pngs = await asyncio.to_thread(result.png_bytes)
+        return {"images": pngs, "seeds": list(result.seeds),
+                "batch_images": result.batch_images, "batch_subjects": result.batch_subjects,
+                "replica": self.replica, "scale_set": state}
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's cache and batching counters."""
+        stats = self.batcher.stats
+        return {"replica": self.replica, "loads": self.loads,
+                "bank_writes": self.engine.bank.writes,
+                "bank_resident": [key[0] for key in self.engine.bank.resident()],
+                "bank_capacity": self.engine.bank.capacity,
+                "bank_bytes_per_slot": self.engine.bank.bytes_per_slot,
+                "batches": stats.batches, "images": stats.images,
+                "largest_batch": stats.largest_batch, "recent_batch_sizes": stats.sizes[-50:],
+                "queued_images": self.batcher.queued_images}
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose batch loop died is replaced."""
+        if not self.batcher.healthy():
+            raise RuntimeError("the batch loop stopped")
+
+    def __del__(self) -> None:
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.close()
+
+
+class ServeBackend:
+    """http.Backend for the ingress: storage catalog + the model deployment's handle."""
+
+    def __init__(self, model: DeploymentHandle, store: SubjectStore, ttl_s: float) -> None:
+        self.model = model
+        self.store = store
+        self.catalog = SubjectCatalog(store, ttl_s)
+        self.base = store.base
+        self.native_size = native_size(store)
+
+    def list_subjects(self) -> list[SubjectInfo]:
+        return self.catalog.list_subjects()
+
+    def describe(self, subject_id: str) -> SubjectInfo:
+        return self.store.describe(subject_id)
+
+    def servable(self, subject_id: str) -> SubjectInfo:
+        return self.catalog.servable(subject_id)
+
+    async def generate(self, subject_id: str, params: GenerationParams) -> dict[str, Any]:
+        handle = self.model.options(multiplexed_model_id=subject_id)
+        return await handle.generate.remote(params)
+
+
+def native_size(store: SubjectStore) -> int:
+    """The base's image side in pixels: UNet sample_size x the VAE's scale factor."""
+    from pipeline.base import base_rel
+
+    rel = base_rel(store.base.address)
+    unet = store.storage.read_json(f"{rel}/unet/config.json")
+    try:
+        vae = store.storage.read_json(f"{rel}/vae/config.json")
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        factor = 8
+    size = unet["sample_size"]
+    return int((size[0] if isinstance(size, list) else size) * factor)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """FastAPI front: validates, answers catalog queries, forwards generation."""
+
+    def __init__(self, model: DeploymentHandle, settings: ServeSettings) -> None:
+        self.settings = settings
+        store = SubjectStore(settings.output, settings.storage_options, settings.base)
+        self.backend = ServeBackend(model, store, settings.catalog_ttl_s)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.backend, self.settings.request_limits())
+
+
+def build_app(settings: ServeSettings) -> Application:
+    """The Serve application for `settings` (deploy it with serve.run)."""
+    model_options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.num_cpus_per_replica,
+                              "num_gpus": settings.num_gpus_per_replica},
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+    }
+    if settings.autoscaling:
+        model_options["autoscaling_config"] = {
+            "min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": settings.target_ongoing_requests}
+    else:
+        model_options["num_replicas"] = settings.replicas
+    model = SubjectModel.options(**model_options).bind(settings)
+    ingress = Ingress.options(
+        num_replicas=settings.ingress_replicas,
+        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+        max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests))
+    return ingress.bind(model, settings)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For Serve config files: `import_path: deploy.app:app_builder`, `args:` the
+    ServeSettings fields."""
+    return build_app(ServeSettings(**args))

@@ -1,0 +1,161 @@
+"""The generation engine of one replica: the quantized base, loaded ONCE, and its bank.
+
+No Ray here: a Serve replica wraps an Engine (app.py), and `tuneqdm-pipeline
+generate` uses one directly, so both produce the same images for the same seed.
+
+    Engine(base_path, fingerprint, capacity)      load the base, preallocate the bank
+    engine.run([GenerationRequest, ...])          one UNet batch, any mix of subjects
+
+A batch's requests must agree on steps, guidance and size (their `batch_key`);
+prompts, negative prompts, seeds, image counts and subjects may all differ. Each
+image is seeded on its own (tuneqdm.generate), so an image does not depend on what
+else shares its batch, up to float rounding of batched matrix products.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .bank import ScaleBank, generate_slots
+from .errors import BaseNotFound, SubjectMismatch
+from .params import GenerationParams
+from .store import SubjectInfo
+
+
+@dataclass(eq=False)
+class LoadedSubject:
+    """A subject's scale set in host memory, as returned by the multiplexed loader.
+
+    `key` names this exact scale set (id + checksum): a retrained subject is a new key.
+    When Serve's model cache evicts it, it calls `__del__`, which tells the bank that
+    its slot may go first (`on_evict`); the bank keeps the rows until it needs the slot.
+    """
+
+    info: SubjectInfo
+    scale_set: object  # tuneqdm.scaleset.ScaleSet
+    loaded_at: float = field(default_factory=time.time)
+    on_evict: Callable[[Hashable], None] | None = None
+    fresh: bool = True  # no request has used it yet
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.info.subject_id, self.info.scales_sha256)
+
+    def __del__(self) -> None:  # Serve calls it on eviction, Python again on collection
+        callback, self.on_evict = self.on_evict, None
+        if callback is not None:
+            with contextlib.suppress(Exception):
+                callback(self.key)
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    subject: LoadedSubject
+    params: GenerationParams
+
+
+@dataclass
+class GenerationResult:
+    """Images of one request, and the batch it rode in."""
+
+    images: list  # PIL images, params.num_images of them
+    seeds: tuple[int, ...]
+    batch_images: int
+    batch_subjects: int
+    seconds: float
+
+    def png_bytes(self) -> list[bytes]:
+        return [to_png(image) for image in self.images]
+
+
+def to_png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device,
+                                                                         torch.dtype]:
+    """'auto' device: cuda if available, else cpu; 'auto' dtype: fp16 on cuda, else fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if dtype == "auto":
+        dtype = "float16" if resolved.type == "cuda" else "float32"
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype {dtype!r} is invalid: one of auto, {', '.join(dtypes)}")
+    return resolved, dtypes[dtype]
+
+
+class Engine:
+    """A quantized pipeline with a ScaleBank of `capacity` subjects.
+
+    Not thread-safe: one caller at a time (a replica's batch thread).
+    """
+
+    def __init__(self, base_path: str | Path, fingerprint: str, capacity: int = 16,
+                 device: str = "auto", dtype: str = "auto") -> None:
+        from diffusers.utils import logging as diffusers_logging
+
+        from tuneqdm.base import load_quantized_pipeline
+
+        diffusers_logging.disable_progress_bar()
+        self.device, self.dtype = resolve_device(device, dtype)
+        self.pipe = load_quantized_pipeline(base_path, self.device, self.dtype)
+        loaded = getattr(self.pipe.unet, "tuneqdm_base_fingerprint", None)
+        if loaded != fingerprint:
+            raise BaseNotFound(f"base at {base_path} has fingerprint {str(loaded)[:12]}..., "
+                               f"expected {fingerprint[:12]}...")
+        self.fingerprint = fingerprint
+        self.pipe.set_progress_bar_config(disable=True)
+        self.bank = ScaleBank(self.pipe.unet, capacity)
+        self.native_size = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    def check_fits(self, scale_set) -> None:
+        """SubjectMismatch (409) unless `scale_set` fits this UNet (base, layers, shapes)."""
+        from tuneqdm.scaleset import ScaleSetError
+
+        try:
+            scale_set.check_fits(self.pipe.unet)
+        except ScaleSetError as err:
+            raise SubjectMismatch(str(err)) from None
+
+    @torch.no_grad()
+    def run(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Generate every request's images in ONE pipeline call (one UNet batch)."""
+        if not requests:
+            return []
+        key = requests[0].params.batch_key
+        if any(r.params.batch_key != key for r in requests):
+            raise ValueError("requests of one batch must share steps, guidance and size")
+        start = time.perf_counter()
+        slots = self.bank.acquire([(r.subject.key, r.subject.scale_set) for r in requests])
+        prompts, negatives, seeds, image_slots = [], [], [], []
+        for request, slot in zip(requests, slots, strict=True):
+            n = request.params.num_images
+            prompts += [request.params.prompt] * n
+            negatives += [request.params.negative_prompt] * n
+            seeds += list(request.params.seeds)
+            image_slots += [slot] * n
+        steps, guidance, height, width = key
+        images = generate_slots(
+            self.pipe, prompts, image_slots, seeds, num_inference_steps=steps,
+            guidance_scale=guidance, height=height, width=width,
+            negative_prompt=negatives if any(negatives) else None)
+        seconds = time.perf_counter() - start
+        results, offset = [], 0
+        for request in requests:
+            n = request.params.num_images
+            results.append(GenerationResult(
+                images=images[offset:offset + n], seeds=request.params.seeds,
+                batch_images=len(prompts), batch_subjects=len(set(slots)), seconds=seconds))
+            offset += n
+        return results

@@ -1,0 +1,161 @@
+"""The playground page at `/`: pick a subject, type a prompt, see the image.
+
+One self-contained HTML page (no external scripts, styles or fonts: it works on a
+machine without internet), talking to the JSON API with fetch(). The server fills in
+its root path (Serve's route prefix) and the request bounds.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+from .params import MAX_SEED, Limits
+
+_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>TuneQDM playground</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 44rem;
+         padding: 0 1rem; color: #222; }
+  h1 { font-size: 1.4rem; }
+  label { display: block; margin: .6rem 0 .2rem; font-weight: 600; }
+  input, select, button { font: inherit; padding: .3rem; }
+  #prompt { width: 100%; box-sizing: border-box; }
+  .row { display: flex; gap: 1rem; flex-wrap: wrap; }
+  .row > div { flex: 1; min-width: 7rem; }
+  .row input { width: 100%; box-sizing: border-box; }
+  button { margin-top: 1rem; padding: .4rem 1.2rem; }
+  #status { margin-top: 1rem; min-height: 1.4rem; }
+  #status.error { color: #b00020; }
+  #result { margin-top: 1rem; image-rendering: pixelated; border: 1px solid #ccc;
+            min-width: 128px; }
+  small { color: #666; }
+</style>
+</head>
+<body>
+<h1>TuneQDM playground</h1>
+<p><small>Every subject is a small set of quantization scales on one shared quantized
+base (<span id="base">...</span>). <code>{token}</code> and <code>{class_noun}</code>
+in the prompt name the subject.</small></p>
+<label for="subject">Subject</label>
+<select id="subject"><option value="">loading...</option></select>
+<label for="prompt">Prompt</label>
+<input id="prompt" maxlength="__MAX_PROMPT__" value="a photo of {token} {class_noun}">
+<label for="negative">Negative prompt</label>
+<input id="negative" maxlength="__MAX_PROMPT__" value="" style="width:100%">
+<div class="row">
+  <div><label for="steps">Steps</label>
+    <input id="steps" type="number" min="1" max="__MAX_STEPS__" value="__STEPS__"></div>
+  <div><label for="guidance">Guidance</label>
+    <input id="guidance" type="number" min="0" max="__MAX_GUIDANCE__" step="0.5"
+           value="__GUIDANCE__"></div>
+  <div><label for="size">Size (px)</label>
+    <input id="size" type="number" min="__MIN_SIDE__" max="__MAX_SIDE__"
+           step="__SIDE_STEP__" value="__SIZE__"></div>
+  <div><label for="seed">Seed</label>
+    <input id="seed" type="number" min="0" max="__MAX_SEED__" placeholder="random"></div>
+</div>
+<button id="generate" type="button">Generate</button>
+<div id="status" role="status"></div>
+<img id="result" alt="generated image" hidden>
+<script>
+const ROOT = __ROOT__;
+const $ = (id) => document.getElementById(id);
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+async function errorText(response) {
+  try { const body = await response.json(); return body.error || JSON.stringify(body); }
+  catch (e) { return response.statusText; }
+}
+async function loadSubjects() {
+  try {
+    const [health, listing] = await Promise.all([
+      fetch(ROOT + "/healthz").then((r) => r.json()),
+      fetch(ROOT + "/v1/subjects?limit=1000").then((r) => r.json())]);
+    $("base").textContent = health.base.address + ", " + health.base.quant_config.bits +
+      "-bit " + health.base.quant_config.method;
+    const select = $("subject");
+    select.innerHTML = "";
+    for (const s of listing.subjects.filter((s) => s.servable)) {
+      const option = document.createElement("option");
+      option.value = s.subject_id;
+      option.textContent = s.subject_id + " (" + s.token + " " + s.class_noun + ")";
+      select.appendChild(option);
+    }
+    if (!select.options.length) {
+      select.innerHTML = '<option value="">no subjects</option>';
+      setStatus("No finished subjects for this base yet.", true);
+    } else {
+      setStatus(select.options.length + " subject(s) ready.", false);
+    }
+  } catch (e) { setStatus("Cannot reach the service: " + e, true); }
+}
+async function generate() {
+  const subject = $("subject").value;
+  if (!subject) { setStatus("Pick a subject first.", true); return; }
+  const size = Number($("size").value);
+  const body = { prompt: $("prompt").value, num_inference_steps: Number($("steps").value),
+                 guidance_scale: Number($("guidance").value), height: size, width: size };
+  if ($("negative").value) body.negative_prompt = $("negative").value;
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  $("generate").disabled = true;
+  setStatus("Generating...", false);
+  const started = performance.now();
+  try {
+    const response = await fetch(ROOT + "/v1/subjects/" + encodeURIComponent(subject) +
+                                 "/images", {
+      method: "POST", headers: { "Content-Type": "application/json", "Accept": "image/png" },
+      body: JSON.stringify(body) });
+    if (!response.ok) {
+      setStatus("Error " + response.status + ": " + await errorText(response), true);
+      return;
+    }
+    const blob = await response.blob();
+    const image = $("result");
+    if (image.src) URL.revokeObjectURL(image.src);
+    image.src = URL.createObjectURL(blob);
+    image.width = Math.max(256, size);
+    image.hidden = false;
+    const ms = Math.round(performance.now() - started);
+    setStatus("seed " + response.headers.get("X-Seed") + ", " + ms + " ms", false);
+    image.dataset.seed = response.headers.get("X-Seed");
+  } catch (e) {
+    setStatus("Request failed: " + e, true);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+$("generate").addEventListener("click", generate);
+loadSubjects();
+</script>
+</body>
+</html>
+"""
+
+
+def playground_html(root_path: str, limits: Limits, native_size: int) -> str:
+    """The page, with `root_path` (Serve's route prefix, "" at /) and the bounds."""
+    size = min(max(native_size, limits.min_side), limits.max_side)
+    values = {
+        "__ROOT__": json.dumps(root_path.rstrip("/")).replace("<", "\\u003c"),
+        "__MAX_PROMPT__": str(limits.max_prompt_chars),
+        "__MAX_STEPS__": str(limits.max_steps),
+        "__STEPS__": str(limits.default_steps),
+        "__MAX_GUIDANCE__": html.escape(str(limits.max_guidance)),
+        "__GUIDANCE__": html.escape(str(limits.default_guidance)),
+        "__MIN_SIDE__": str(limits.min_side),
+        "__MAX_SIDE__": str(limits.max_side),
+        "__SIDE_STEP__": str(limits.side_multiple),
+        "__SIZE__": str(size),
+        "__MAX_SEED__": str(MAX_SEED),
+    }
+    page = _PAGE
+    for placeholder, value in values.items():
+        page = page.replace(placeholder, value)
+    return page

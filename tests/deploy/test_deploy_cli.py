@@ -1,0 +1,121 @@
+"""`tuneqdm-pipeline serve` and `generate`: option checks and errors without Ray,
+and the blocking `serve` in a process of its own, stopped with Ctrl-C (SIGINT)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from deploy_testkit import STEPS, free_port
+from PIL import Image
+
+from pipeline.cli import main
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--replicas", "2", "--min-replicas", "1", "--max-replicas", "3"], "not both"),
+    (["--min-replicas", "1"], "needs both --min-replicas and --max-replicas"),
+    (["--max-images", "9"], "max_images 9 > max_batch_images 8"),
+    (["--default-steps", "200"], "default_steps=200 is invalid"),
+    (["--max-subjects-per-replica", "0"], "0 is not in the range 1<=x<=4096"),
+    (["--port", "70000"], "70000 is not in the range"),
+    (["--detach"], "--detach needs --address"),
+    (["--base", "nope"], "no complete quantized base 'nope'"),
+    (["--storage-option", "novalue"], "use key=value"),
+    (["--num-cpus", "2", "--replicas", "2", "--num-cpus-per-replica", "1"],
+     "2 replica(s) x 1 CPU + ingress 0.1 CPU = 2.1 CPUs, the cluster has 2"),
+])
+def test_serve_refuses_bad_options_before_starting_anything(trained_output, args, expected):
+    result = CliRunner().invoke(main, ["serve", str(trained_output), *args])
+    assert result.exit_code != 0
+    assert expected in " ".join(result.output.split()), result.output
+
+
+def test_serve_and_generate_refuse_a_missing_output(tmp_path):
+    for command in (["serve"], ["generate"]):
+        args = [*command, str(tmp_path / "missing")] + (["dog", "x"] if command == [
+            "generate"] else [])
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.parametrize(("subject", "code", "expected"), [
+    ("nobody", 1, "subject 'nobody' not found"),
+    ("alien", 1, "trained on base 000000000000"),
+    ("Bad_Id", 2, "subject id 'Bad_Id' is invalid"),
+])
+def test_generate_errors(trained_output, tmp_path, subject, code, expected):
+    result = CliRunner().invoke(main, ["generate", str(trained_output), subject, "x",
+                                       "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == code, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_writes_numbered_images(trained_output, tmp_path):
+    result = CliRunner().invoke(main, [
+        "generate", str(trained_output), "dog", "a photo of {token} {class_noun}",
+        "-o", str(tmp_path / "dog.png"), "--num-images", "2", "--steps", "2",
+        "--seed", "3", "--height", "24", "--width", "16"])
+    assert result.exit_code == 0, result.output
+    for j in (0, 1):
+        with Image.open(tmp_path / f"dog-{j}.png") as image:
+            assert image.size == (16, 24)
+        assert f"dog-{j}.png  (seed {3 + j}, 16x24, 2 steps)" in result.output
+    bad = CliRunner().invoke(main, ["generate", str(trained_output), "dog", "x",
+                                    "-o", str(tmp_path / "odd.png"), "--height", "20"])
+    assert bad.exit_code == 2 and "multiple of 8" in bad.output
+
+
+def test_serve_command_runs_until_interrupted(trained_output, tmp_path):
+    """The command a user types: a local Ray of its own, HTTP on 127.0.0.1, Ctrl-C stops
+    Serve and that Ray."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is running in this process")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    cli = Path(sys.executable).with_name("tuneqdm-pipeline")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(cli), "serve", str(trained_output), "--port", str(port), "--num-cpus", "2",
+             "--num-cpus-per-replica", "1", "--default-steps", str(STEPS)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 150
+        health = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert health is not None and health.status_code == 200, log.read_text()[-3000:]
+        image = httpx.post(f"http://127.0.0.1:{port}/v1/subjects/dog/images",
+                           json={"prompt": "x", "seed": 1}, timeout=60)
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        while "serving at" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)  # the app answers before serve.run has returned
+        assert f"serving at http://127.0.0.1:{port}/" in log.read_text()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+        assert "stopping" in log.read_text()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    finally:
+        if process.poll() is None:  # only the process this test started
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
