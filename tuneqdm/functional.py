@@ -49,7 +49,10 @@ def _transient_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
         buffers = _THREAD_BUFFERS.by_dtype = {}
     buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+        # a normal tensor even when first called under inference_mode: an inference
+        # tensor could not be written to by a later forward outside inference_mode
+        with torch.inference_mode(False):
+            buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
     return buffer[:numel]
 
 

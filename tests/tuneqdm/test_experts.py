@@ -1,9 +1,11 @@
-"""Timestep experts (TuneQDM part 2): expert_index, ScaleRouter rows, UNet routing."""
+"""Timestep experts (TuneQDM part 2): expert_index, ScaleRouter rows, UNet routing.
+
+The UNet tests build a tiny diffusers UNet offline (tuneqdm.testing.tiny_components).
+"""
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,11 +14,9 @@ from tuneqdm import QuantConfig, ScaleRouter, enable_timestep_experts, expert_in
 from tuneqdm.experts import attach_timestep_router
 from tuneqdm.model import quantized_layers
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def reference_expert(t: float, n: int, total: int) -> int:
-    """floor(t * N / T) clamped to [0, N - 1], in exact rational arithmetic for ints."""
+    """floor(t * N / T) clamped to [0, N - 1], written out with Python numbers."""
     return min(max(math.floor(t * n / total), 0), n - 1)
 
 
@@ -129,7 +129,6 @@ def test_router_errors():
 
 def test_attach_timestep_router_reads_args_and_kwargs():
     router = ScaleRouter(num_experts=2, num_train_timesteps=10)
-    model = torch.nn.Identity()
     calls = []
 
     class TwoArgs(torch.nn.Module):

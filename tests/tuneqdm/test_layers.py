@@ -383,3 +383,30 @@ def test_quantize_releases_float_weights_as_it_goes(monkeypatch):
     quantize_(model, QuantConfig(bits=4))
     assert alive_at_each_call == [4, 3, 2, 1]  # only the not yet quantized ones
     assert all(ref() is None for ref in refs)
+
+
+@pytest.mark.parametrize("first", ["inference_mode", "grad"])
+def test_inference_mode_then_training_and_back(first):
+    # the reused weight buffer must not become an inference tensor when the first call
+    # of a thread is under torch.inference_mode (serving), nor break it afterwards
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run() -> bool:  # a fresh thread: its buffer is created by the first call below
+        torch.manual_seed(0)
+        layer = QuantLinear.from_float(nn.Linear(48, 40), QuantConfig(bits=4, num_experts=1))
+        x = torch.randn(2, 48)
+        calls = ["inference_mode", "grad"] if first == "inference_mode" else ["grad"] * 2
+        calls.append("inference_mode")
+        outputs = []
+        for mode in calls:
+            if mode == "inference_mode":
+                with torch.inference_mode():
+                    outputs.append(layer(x).clone())
+            else:
+                y = layer(x)
+                y.sum().backward()
+                outputs.append(y.detach())
+        return all(torch.equal(out, outputs[0]) for out in outputs)
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(run).result()
