@@ -196,7 +196,9 @@ def _run_serve(settings, address: str | None, host: str, port: int, num_cpus: in
             ray.shutdown()
 
     try:
-        _check_resources(settings, ray.cluster_resources(), strict=local)
+        # strict unless --address named a cluster (which may grow): a Ray started
+        # here or already running in this process cannot, and Serve would wait forever
+        _check_resources(settings, ray.cluster_resources(), strict=address is None)
         serve.start(http_options={"host": host, "port": port})
         click.echo(f"deploying {settings.name!r}: base {settings.base} from {settings.output}",
                    err=True)
@@ -221,14 +223,17 @@ def _run_serve(settings, address: str | None, host: str, port: int, num_cpus: in
     def on_term(*_: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # SIGINT too: a process started in the background of a non-interactive shell
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         click.echo("stopping", err=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         cleanup()
 
 
