@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import is_image_name, load_image
+from .images import DEFAULT_MIN_SIDE, is_image_name, load_image
 
 PROMPT_FIELDS = ("token", "class_noun")
 
@@ -175,8 +175,9 @@ def prepare_data(
     )
 
 
-def load_image_folder(folder: str | Path) -> list[Image.Image]:
+def load_image_folder(folder: str | Path, min_side: int = DEFAULT_MIN_SIDE) -> list[Image.Image]:
     """Every image file of a folder, sorted by name, as upright RGB (images.load_image:
-    EXIF rotation, transparency on white, odd modes; bad files raise ImageLoadError)."""
+    EXIF rotation, transparency on white, odd modes; bad or smaller than `min_side`
+    pixels raise ImageLoadError)."""
     paths = sorted(p for p in Path(folder).iterdir() if is_image_name(p.name))
-    return [load_image(p) for p in paths]
+    return [load_image(p, min_side=min_side) for p in paths]

@@ -366,7 +366,7 @@ def _class_images(
             slug = "".join(c if c.isalnum() else "_" for c in subject.class_prompt_text)
             cache = Path(config.class_images_cache) / f"{slug}_{resolution}px"
             if cache.is_dir():
-                cached = load_image_folder(cache)
+                cached = load_image_folder(cache, min_side=1)  # our own, any size
                 if len(cached) >= config.num_class_images:
                     result.append(cached[: config.num_class_images])
                     continue
