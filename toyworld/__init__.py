@@ -1,0 +1,8 @@
+"""The toy world: a procedural, captioned image world with exact ground truth, its
+subjects, a small pretrained text-to-image base (models/toyworld-base) and metrics.
+
+See docs/toyworld.md. Modules: world (renderer, captions), split (what the base trains
+on and what is held out), subjects (novel objects, examples/), metrics (prompt and
+subject fidelity, DINO / CLIP), base (the base's components and training),
+train_base (its command line).
+"""

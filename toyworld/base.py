@@ -1,0 +1,419 @@
+"""The toy world's pretrained text-to-image base: components, training and evaluation.
+
+A small Stable-Diffusion-shaped pipeline (diffusers' StableDiffusionPipeline layout),
+trained from scratch on the world's training split (split.py) on CPU:
+
+1. tokenizer: a CLIP BPE tokenizer over world.VOCABULARY (every word one token; the
+   rare subject tokens are in it but never in a training caption, so their embeddings
+   keep their random initialisation: valid, untrained);
+2. VAE: an AutoencoderKL with hand-set weights that is an exact per-pixel linear
+   colour transform (no downsampling, 4 latent channels; `build_vae` says why);
+   its scaling_factor makes the training latents unit RMS;
+3. UNet2DConditionModel (four levels, 32 -> 4 px, cross-attention at 8x8 and 4x4) and
+   CLIPTextModel trained jointly from scratch with the v-prediction loss on
+   pre-encoded latents, with random caption dropout (10% empty captions, for
+   classifier-free guidance) and an EMA of the weights, which is what gets saved;
+4. scheduler: DDIM, cosine ("squaredcos_cap_v2") 1000-step schedule, v-prediction,
+   "trailing" timesteps so sampling starts at t = 999 (near-zero SNR).
+   Epsilon-prediction was tried first (linear betas): at high noise its loss barely
+   depends on the image, so after 2000 steps the model had not learned colours from
+   text and sampling from pure noise diverged (1% of held-out images right); with
+   v-prediction the high-noise steps train the global layout from the caption.
+
+`train_base(config, out)` runs all of it and saves with `save_pretrained`; a JSON report
+(settings, timings, held-out accuracy) goes next to the components as toyworld.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .metrics import prompt_fidelity
+from .split import CaptionDropout, held_out_scenes, sample_training_scene, training_caption
+from .world import IMAGE_SIZE, VOCABULARY, Scene, caption, render
+
+MAX_TOKENS = 24  # tokenizer model_max_length: the longest caption is 18 tokens
+LATENT_SIZE = IMAGE_SIZE  # the VAE does not downsample (build_vae)
+REPORT_NAME = "toyworld.json"
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Settings of `train_base`. Defaults made models/toyworld-base."""
+
+    seed: int = 0
+    threads: int = 1  # torch threads; results are reproducible for a fixed value
+    # UNet + text encoder
+    dataset_size: int = 20_000  # training-split images, encoded once
+    steps: int = 4_000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    # held-out evaluation (progress_every: a quick 32-image check in the log)
+    progress_every: int = 1000
+    eval_images: int = 128
+    eval_inference_steps: int = 25
+    guidance_scale: float = 4.0
+    log_every: int = 100
+
+
+# -- components --------------------------------------------------------------------
+
+
+def tokenizer_word_order(words: tuple[str, ...] | list[str]) -> list[str]:
+    """An order of `words` in which tuneqdm.testing.write_clip_tokenizer_files makes
+    every word a single token.
+
+    That function adds each word's merges left to right, so a merge of an earlier word
+    ("t r" of "triangle") can split a later one ("s t r i p e d"). Longest words first,
+    then moving words that still split to the front, reaches a fixed point quickly.
+    """
+    from transformers import CLIPTokenizer
+
+    from tuneqdm.testing import write_clip_tokenizer_files
+
+    order = sorted(dict.fromkeys(words), key=lambda w: (-len(w), w))
+    for _ in range(20):
+        with tempfile.TemporaryDirectory() as folder:
+            write_clip_tokenizer_files(folder, order, max_length=MAX_TOKENS)
+            tokenizer = CLIPTokenizer.from_pretrained(folder)
+            split = [w for w in order if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+        if not split:
+            return order
+        order = split + [w for w in order if w not in split]
+    raise RuntimeError(f"no word order makes these single tokens: {split}")
+
+
+def build_tokenizer(folder: str | Path):
+    """Write the world's CLIP tokenizer files to `folder` and load them."""
+    from transformers import CLIPTokenizer
+
+    from tuneqdm.testing import write_clip_tokenizer_files
+
+    write_clip_tokenizer_files(folder, tokenizer_word_order(VOCABULARY), max_length=MAX_TOKENS)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    if len(tokenizer) < 256 or tokenizer.model_max_length != MAX_TOKENS:
+        raise RuntimeError(f"tokenizer at {folder} loaded wrong ({len(tokenizer)} tokens)")
+    return tokenizer
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+# Latent channels from RGB: three orthonormal columns of the 4x4 Hadamard matrix / 2, so
+# z = COLOUR_TO_LATENT @ rgb and rgb = COLOUR_TO_LATENT.T @ z exactly.
+COLOUR_TO_LATENT = 0.5 * torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 1.0],
+                                       [1.0, 1.0, -1.0], [1.0, -1.0, -1.0]])  # (4, 3)
+_BIG = 1000.0  # the constant carried next to each signal through the GroupNorms
+_LOG_VARIANCE = -20.0  # posterior std exp(-10) ~ 4.5e-5
+
+
+def build_vae():
+    """An AutoencoderKL that is an exact per-pixel linear colour transform (factor 1).
+
+    32x32x3 images <-> 32x32x4 latents, z = COLOUR_TO_LATENT @ rgb. The weights are set,
+    not trained: every residual branch is zeroed (so resnets are identities), convs use
+    only their centre tap, and each colour channel c travels through the final
+    GroupNorm of encoder and decoder in a group [c, -c, K, -K] (K = 1000): the group
+    mean is exactly 0 and its std is K / sqrt(2) to within 5e-7 whatever the image, so
+    GroupNorm with gain K / sqrt(2) passes c through, and SiLU(c) - SiLU(-c) = c undoes
+    the SiLU after it. Round trip error is ~1e-5.
+
+    Why not a trained, downsampling VAE: small AutoencoderKLs (0.16-0.6 M parameters,
+    factor 2) trained for 10-15 CPU minutes here reconstructed only ~95% of pixels to
+    the right palette colour and lost most of the 2-px patterns (pattern score of their
+    reconstructions 0.40-0.44), which would cap subject fidelity. Factor 1 makes the
+    UNet run at 32x32 (four levels instead of three: ~1.2x the cost per step).
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16,),
+        layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+    gain = _BIG / math.sqrt(2.0)
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.zero_()
+        for module in vae.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.fill_(1.0)
+
+        def carry(conv, source: torch.Tensor) -> None:
+            """conv's output groups: [c, -c, K, -K] for c = source @ input, then K, -K, K, -K."""
+            centre = conv.kernel_size[0] // 2
+            for colour in range(3):
+                conv.weight[4 * colour, :, centre, centre] = source[colour]
+                conv.weight[4 * colour + 1, :, centre, centre] = -source[colour]
+                conv.bias[4 * colour + 2], conv.bias[4 * colour + 3] = _BIG, -_BIG
+            conv.bias[12:] = torch.tensor([_BIG, -_BIG, _BIG, -_BIG])
+
+        def emit(norm, conv, target: torch.Tensor) -> None:
+            """norm + SiLU + conv: output k = sum_c target[k, c] * c."""
+            norm.weight.zero_()
+            for colour in range(3):
+                norm.weight[4 * colour: 4 * colour + 2] = gain
+            centre = conv.kernel_size[0] // 2
+            for colour in range(3):
+                conv.weight[: len(target), 4 * colour, centre, centre] = target[:, colour]
+                conv.weight[: len(target), 4 * colour + 1, centre, centre] = -target[:, colour]
+
+        carry(vae.encoder.conv_in, torch.eye(3))
+        emit(vae.encoder.conv_norm_out, vae.encoder.conv_out, COLOUR_TO_LATENT)
+        vae.encoder.conv_out.bias[4:] = _LOG_VARIANCE
+        vae.quant_conv.weight[:, :, 0, 0] = torch.eye(8)
+        vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(4)
+        carry(vae.decoder.conv_in, COLOUR_TO_LATENT.T)
+        emit(vae.decoder.conv_norm_out, vae.decoder.conv_out, torch.eye(3))
+    return vae.eval()
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+        block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D",
+                          "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8,
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         clip_sample=False, set_alpha_to_one=False,
+                         timestep_spacing="trailing", prediction_type="v_prediction",
+                         steps_offset=1)  # unused by "trailing"; 1 silences the SD pipeline
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
+                                   tokenizer=tokenizer, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+
+
+# -- data ---------------------------------------------------------------------------
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """(B, 3, H, W) float32 in [-1, 1] from a list of (H, W, 3) uint8 arrays."""
+    array = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """(B, MAX_TOKENS) int64 ids, padded as StableDiffusionPipeline pads."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# -- training -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_dataset(vae, scenes: list[Scene], batch_size: int = 256):
+    """(N, 4, 32, 32) latent means and stds (float32) of the scenes' renderings."""
+    means, stds = [], []
+    for start in range(0, len(scenes), batch_size):
+        batch = images_to_tensor([render(s).image for s in scenes[start:start + batch_size]])
+        posterior = vae.encode(batch).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p, 1.0 - decay)
+
+
+def train_denoiser(unet, text_encoder, tokenizer, scheduler, latents, latent_stds,
+                   scenes: list[Scene], config: BaseConfig, rng: np.random.Generator,
+                   generator: torch.Generator, log=print, progress=None):
+    """Train UNet and text encoder jointly (v-prediction loss); return (EMA unet, EMA text
+    encoder, losses). `latents`/`latent_stds` are scaled (unit RMS), (N, 4, 32, 32).
+    `progress(ema_unet, ema_text)`, if given, runs every config.progress_every steps
+    (it must not touch `rng` or `generator`) and its result is logged."""
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    # No weight decay: rows of the rare tokens get zero gradients and must stay as drawn.
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    dropout = CaptionDropout()
+    unet.train()
+    text_encoder.train()
+    losses = []
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, config.warmup_steps, config.steps)
+        index = torch.from_numpy(rng.integers(len(scenes), size=config.batch_size))
+        clean = latents[index] + latent_stds[index] * torch.randn(
+            latents[index].shape, generator=generator)  # (B, 4, 32, 32)
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
+                                  (config.batch_size,), generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        target = scheduler.get_velocity(clean, noise, timesteps)  # v-prediction
+        captions = [training_caption(scenes[int(i)], rng, dropout) for i in index]
+        hidden = text_encoder(tokenize(tokenizer, captions))[0]  # (B, MAX_TOKENS, 64)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+        loss = torch.nn.functional.mse_loss(prediction, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        losses.append(loss.item())
+        if (step + 1) % config.log_every == 0:
+            log(f"unet step {step + 1}/{config.steps} loss {np.mean(losses[-100:]):.4f}")
+        if progress is not None and (step + 1) % config.progress_every == 0:
+            log(f"unet step {step + 1}: quick held-out check {progress(ema_unet, ema_text)}")
+    return ema_unet, ema_text, losses
+
+
+# -- evaluation ---------------------------------------------------------------------
+
+
+def generate(pipe, prompts: list[str], seed: int = 0, num_inference_steps: int = 25,
+             guidance_scale: float = 4.0, batch_size: int = 64) -> list[np.ndarray]:
+    """(32, 32, 3) uint8 images, one per prompt; image i depends only on (seed, i)."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i)
+                      for i in range(len(chunk))]
+        out = pipe(prompt=chunk, num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale, generator=generators, output_type="np")
+        images += [(np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8) for img in out.images]
+    return images
+
+
+def held_out_prompts(count: int, seed: int = 1) -> list[str]:
+    """Full captions of `count` scenes with colour pairs held out of training."""
+    return [caption(scene) for scene in held_out_scenes(count, seed)]
+
+
+def colour_accuracy(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
+    """Fractions of images showing the prompted background, object colour, both, and
+    position (metrics.prompt_fidelity)."""
+    checks = [prompt_fidelity(image, prompt) for image, prompt in zip(images, prompts,
+                                                                      strict=True)]
+    return {
+        "background": float(np.mean([c.background_ok for c in checks])),
+        "object_colour": float(np.mean([c.colour_ok for c in checks])),
+        "both_colours": float(np.mean([c.colours_ok for c in checks])),
+        "position": float(np.mean([c.position_ok for c in checks])),
+        "shape": float(np.mean([c.shape_ok for c in checks])),
+        "images": len(checks),
+    }
+
+
+# -- the whole run ------------------------------------------------------------------
+
+
+def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
+    """Train every component from `config.seed`, save the pipeline to `out`, return
+    the report (also written to out/toyworld.json)."""
+    import diffusers
+    import transformers
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    out = Path(out)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = build_tokenizer(folder)
+    text_encoder, vae, unet = build_text_encoder(tokenizer), build_vae(), build_unet()
+    scheduler = build_scheduler()
+
+    scenes = [sample_training_scene(rng) for _ in range(config.dataset_size)]
+    means, stds = encode_dataset(vae, scenes)
+    scaling = float(1.0 / means.pow(2).mean().sqrt())
+    vae.register_to_config(scaling_factor=scaling)
+    timings["encode_s"] = time.perf_counter() - start
+    log(f"encoded {len(scenes)} images; latent scaling_factor {scaling:.4f}")
+
+    def progress(ema_unet, ema_text) -> str:
+        pipe = assemble_pipeline(ema_unet, vae, ema_text, tokenizer, scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        prompts = held_out_prompts(32, seed=2)
+        images = generate(pipe, prompts, seed=1, num_inference_steps=10,
+                          guidance_scale=config.guidance_scale)
+        return {k: round(v, 3) for k, v in colour_accuracy(images, prompts).items()}
+
+    ema_unet, ema_text, losses = train_denoiser(
+        unet, text_encoder, tokenizer, scheduler, means * scaling, stds * scaling, scenes,
+        config, rng, generator, log, progress)
+    timings["denoiser_s"] = time.perf_counter() - start - timings["encode_s"]
+    timings["train_s"] = time.perf_counter() - start
+    timings["train_cpu_s"] = time.process_time() - cpu_start
+
+    pipe = assemble_pipeline(ema_unet, vae, ema_text, tokenizer, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = held_out_prompts(config.eval_images)
+    eval_start = time.perf_counter()
+    images = generate(pipe, prompts, seed=config.seed,
+                      num_inference_steps=config.eval_inference_steps,
+                      guidance_scale=config.guidance_scale)
+    accuracy = colour_accuracy(images, prompts)
+    timings["eval_s"] = time.perf_counter() - eval_start
+    log(f"held-out accuracy {accuracy}")
+
+    pipe.save_pretrained(out, safe_serialization=True)
+    parameters = {name: sum(p.numel() for p in module.parameters())
+                  for name, module in (("unet", ema_unet), ("vae", vae),
+                                       ("text_encoder", ema_text))}
+    report = {
+        "config": asdict(config),
+        "parameters": parameters,
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "held_out_accuracy": accuracy,
+        "final_loss": float(np.mean(losses[-200:])),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+    }
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report

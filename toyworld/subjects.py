@@ -1,0 +1,148 @@
+"""Subjects of the toy world: novel objects to personalise the base with.
+
+A subject is one fixed object (a shape, a pattern, a colour) whose shape+pattern
+combination never occurs in the base's training data (split.py holds them out), named by
+a rare token and a class noun (its shape): "a sks star". Like the DreamBooth data set
+the TuneQDM paper evaluates on (arXiv 2401.04339, section 4), each subject has a few
+images in varied contexts and evaluation prompts that put it in contexts none of its
+images show (background colours and positions it was never seen with).
+
+`python -m toyworld.subjects --out examples` writes examples/subjects.csv, the images
+and examples/subjects_eval.csv (the evaluation prompts); both are committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .world import COLOUR_NAMES, POSITIONS, SCENES, Scene, caption, render, sample_scene
+
+NUM_IMAGES = 5
+NUM_EVAL_PROMPTS = 4
+# The instance prompt, as a subjects.csv template (pipeline/manifest.py fills it in).
+PROMPT_TEMPLATE = "a {token} {class_noun}"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A novel object. `prompt` is its instance prompt ("a sks star")."""
+
+    subject_id: str
+    token: str
+    shape: str
+    pattern: str
+    colour: str
+
+    @property
+    def class_noun(self) -> str:
+        return self.shape
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT_TEMPLATE.format(token=self.token, class_noun=self.class_noun)
+
+
+SUBJECTS: tuple[Subject, ...] = (
+    Subject("checkered-star", "sks", "star", "checkered", "purple"),
+    Subject("striped-circle", "zwx", "circle", "striped", "orange"),
+    Subject("dotted-square", "qvt", "square", "dotted", "green"),
+    Subject("checkered-triangle", "pxr", "triangle", "checkered", "blue"),
+    Subject("striped-diamond", "bnk", "diamond", "striped", "yellow"),
+    Subject("dotted-cross", "vjd", "cross", "dotted", "red"),
+    Subject("checkered-circle", "xqz", "circle", "checkered", "white"),
+    Subject("striped-square", "kmw", "square", "striped", "black"),
+)
+
+
+def get_subject(subject_id: str) -> Subject:
+    for subject in SUBJECTS:
+        if subject.subject_id == subject_id:
+            return subject
+    raise ValueError(f"unknown subject {subject_id!r}; known: "
+                     f"{', '.join(s.subject_id for s in SUBJECTS)}")
+
+
+def _allowed_backgrounds(subject: Subject) -> list[str]:
+    from .split import HELD_OUT_COLOUR_PAIRS  # split imports SUBJECTS from here
+
+    return [c for c in COLOUR_NAMES
+            if c != subject.colour and (subject.colour, c) not in HELD_OUT_COLOUR_PAIRS]
+
+
+def subject_contexts(subject: Subject, seed: int = 0) -> tuple[list[Scene], list[Scene]]:
+    """(training scenes, evaluation scenes) of a subject.
+
+    Training: NUM_IMAGES scenes over 4 backgrounds (one seen as both scenes) and
+    NUM_IMAGES distinct positions. Evaluation: NUM_EVAL_PROMPTS scenes whose background
+    colours and positions appear in none of the training scenes. Every (colour,
+    background) pair used is one the base trained on, so only the object is new.
+    """
+    index = SUBJECTS.index(subject) if subject in SUBJECTS else 0
+    rng = np.random.default_rng([seed, index])
+    backgrounds = list(rng.permutation(_allowed_backgrounds(subject)))  # 6 colours
+    seen_bg, unseen_bg = backgrounds[:4], backgrounds[4:6]
+    positions = list(rng.permutation(list(POSITIONS)))
+    seen_pos, unseen_pos = positions[:NUM_IMAGES], positions[NUM_IMAGES:]
+    fixed = {"shape": subject.shape, "pattern": subject.pattern, "colour": subject.colour}
+    train_bg = [*seen_bg, seen_bg[0]]
+    train_scene = [SCENES[i % 2] for i in range(NUM_IMAGES)]
+    train = [sample_scene(rng, background=bg, scene=sc, position=pos, **fixed)
+             for bg, sc, pos in zip(train_bg, train_scene, seen_pos, strict=True)]
+    evaluation = [sample_scene(rng, background=unseen_bg[i % 2], scene=SCENES[(i // 2) % 2],
+                               position=unseen_pos[i], **fixed)
+                  for i in range(NUM_EVAL_PROMPTS)]
+    return train, evaluation
+
+
+def evaluation_prompts(subject: Subject, seed: int = 0) -> list[str]:
+    """Prompts placing the subject in contexts none of its images show."""
+    return [caption(s, token=subject.token) for s in subject_contexts(subject, seed)[1]]
+
+
+def write_examples(out: str | Path, seed: int = 0) -> Path:
+    """Write subjects.csv, subjects_eval.csv and subjects/<id>/<n>.png under `out`.
+
+    Image folders in the CSV are relative to the CSV's folder ("subjects/<id>/"), as
+    pipeline/manifest.py resolves them; `prompt` is an instance prompt template with
+    {token} and {class_noun}. Image folders hold PNGs only (the manifest refuses other
+    files there); the evaluation prompts go to subjects_eval.csv (subject_id, prompt).
+    """
+    from PIL import Image
+
+    out = Path(out)
+    rows, eval_rows = [], []
+    for subject in SUBJECTS:
+        folder = out / "subjects" / subject.subject_id
+        folder.mkdir(parents=True, exist_ok=True)
+        train, evaluation = subject_contexts(subject, seed)
+        for i, scene in enumerate(train):
+            Image.fromarray(render(scene).image).save(folder / f"{i}.png", optimize=True)
+        rows.append({"subject_id": subject.subject_id,
+                     "images": f"subjects/{subject.subject_id}/",
+                     "class": subject.class_noun, "token": subject.token,
+                     "prompt": PROMPT_TEMPLATE})
+        eval_rows += [{"subject_id": subject.subject_id, "prompt": caption(s, token=subject.token)}
+                      for s in evaluation]
+    for name, table in (("subjects.csv", rows), ("subjects_eval.csv", eval_rows)):
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    return out / "subjects.csv"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="examples", help="folder to write into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(write_examples(args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()
