@@ -215,20 +215,26 @@ def run_paired(runs: list[tuple[str, int]], rounds: int, threads: int) -> dict:
     release_free_memory()
     generator = torch.Generator().manual_seed(1)
     times: list[list[float]] = [[] for _ in runs]
+    cpu_times: list[list[float]] = [[] for _ in runs]
     for round_index in range(rounds + 1):  # round 0 is the warm-up
         batch = make_batch(generator)
         shift = round_index % len(runs)
         for i in list(range(len(runs)))[shift:] + list(range(len(runs)))[:shift]:
             unet, _, optimizer, scheduler = prepared[i]
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             train_step(unet, optimizer, scheduler, batch)
             if round_index:
                 times[i].append(time.perf_counter() - start)
+                cpu_times[i].append(time.process_time() - cpu_start)
         print(f"round {round_index}: load {os.getloadavg()[0]:.1f}", flush=True)
-    ratios = [
-        statistics.median(t / base for t, base in zip(series, times[0], strict=True))
-        for series in times
-    ]
+
+    def median_ratios(measure: list[list[float]]) -> list[float]:
+        return [
+            statistics.median(t / base for t, base in zip(series, measure[0], strict=True))
+            for series in measure
+        ]
+
+    ratios, cpu_ratios = median_ratios(times), median_ratios(cpu_times)
     return {
         "runs": [
             {
@@ -237,8 +243,13 @@ def run_paired(runs: list[tuple[str, int]], rounds: int, threads: int) -> dict:
                 "step_s": series,
                 "median_step_s": statistics.median(series),
                 "median_ratio_to_first": ratio,
+                "step_cpu_s": cpu_series,
+                "median_step_cpu_s": statistics.median(cpu_series),
+                "median_cpu_ratio_to_first": cpu_ratio,
             }
-            for (method, bits), series, ratio in zip(runs, times, ratios, strict=True)
+            for (method, bits), series, ratio, cpu_series, cpu_ratio in zip(
+                runs, times, ratios, cpu_times, cpu_ratios, strict=True
+            )
         ],
         "rounds": rounds,
         "threads": threads,
@@ -253,6 +264,8 @@ def paired_table(paired: dict) -> str:
             "bits": r["bits"] or "fp32",
             "step": f"{r['median_step_s']:.2f}",
             "ratio": f"{r['median_ratio_to_first']:.3f}",
+            "cpu": f"{r['median_step_cpu_s']:.2f}",
+            "cpu_ratio": f"{r['median_cpu_ratio_to_first']:.3f}",
             "steps": " ".join(f"{s:.1f}" for s in r["step_s"]),
         }
         for r in paired["runs"]
@@ -262,6 +275,8 @@ def paired_table(paired: dict) -> str:
         ("bits", "bits"),
         ("step", "median s/step"),
         ("ratio", f"median per-round ratio to {LABELS[first['method']]}@{first['bits']}"),
+        ("cpu", "median CPU s/step"),
+        ("cpu_ratio", "median per-round CPU ratio"),
         ("steps", "steps s"),
     ]
     return markdown_table(rows, columns)
