@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-DREAMBOOTH = Path("/work/shared/dreambooth")
+DREAMBOOTH = Path(__file__).resolve().parents[3] / "shared" / "dreambooth"  # beside the repo
 SUBJECTS = {"dog": ("dog", "sks"), "cat": ("cat", "zwx"), "backpack": ("backpack", "qvt")}
 STEPS = 4  # sampling steps used by the tests: enough for subjects to differ, still fast
 PROMPT = "a photo of {token} {class_noun}"

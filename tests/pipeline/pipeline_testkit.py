@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-DREAMBOOTH = Path("/work/shared/dreambooth")
+DREAMBOOTH = Path(__file__).resolve().parents[3] / "shared" / "dreambooth"  # beside the repo
 
 
 def copy_photos(subject: str, target: Path, count: int = 3) -> Path:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tuneqdm.images import ImageLoadError, check_image, is_image_name, load_image
 
-DREAMBOOTH = Path("/work/shared/dreambooth")
+DREAMBOOTH = Path(__file__).resolve().parents[3] / "shared" / "dreambooth"  # beside the repo
 
 
 def _save(image: Image.Image, path: Path, **kwargs) -> Path:
