@@ -10,6 +10,10 @@ and the zero point is folded out of the weight so the integers are only ever cas
 never rewritten:  (W_q - z) @ v = W_u @ v - z_u * sum(v)  with W_u = W_q - qmin
 (unsigned, straight from the packed bytes) and z_u = z - qmin. For a conv the sum is a
 box filter over each group's kernel window (a conv with an all-ones kernel).
+Folding is for float32/float64 only: in bf16/fp16 the two terms (each ~z_u * sum(v))
+are rounded to 8 or 11 bits before they cancel, which cost 8% relative error through a
+tiny UNet (tests/tuneqdm/test_bf16.py). There the weight is expanded as W_q - z instead,
+integers in [-255, 255], exact in both formats, and nothing cancels.
 
 Scales are per sample, (B, out) and (B, in), so one batch can mix timesteps (experts)
 and subjects. Autograd keeps the layer input and the pre-scale output u; the float
@@ -92,6 +96,18 @@ class ConvGeometry:
     groups: int
 
 
+def _expanded(weight: PackedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, z_u) for float32/float64: W = W_u, the caller subtracts z_u * sum; else
+    (W_q - z, None): centred integers, exact in bf16/fp16. W is transient (see
+    `PackedWeight.expand_transient`)."""
+    w_u = weight.expand_transient(dtype)
+    zero = weight.zero_u.to(dtype)
+    if dtype in (torch.float32, torch.float64):
+        return w_u, zero
+    w_u.view(w_u.shape[0], -1).sub_(zero[:, None])
+    return w_u, None
+
+
 def _per_sample(scale: torch.Tensor, ndim: int, channel_dim: int, dtype: torch.dtype):
     """(B, C) scales viewed to broadcast over a (B, ...) activation with C at channel_dim."""
     shape = [scale.shape[0]] + [1] * (ndim - 1)
@@ -116,9 +132,11 @@ class ScaledQuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale_in, scale_out, bias, weight: PackedWeight):
         xs = x if scale_in is None else x * _per_sample(scale_in, x.dim(), -1, x.dtype)
-        u = F.linear(xs, weight.expand_transient(x.dtype))  # (B, ..., out)
-        # u -= z_u * sum(xs), in place
-        u.addcmul_(xs.sum(dim=-1, keepdim=True), weight.zero_u.to(x.dtype), value=-1)
+        w, zero = _expanded(weight, x.dtype)
+        u = F.linear(xs, w)  # (B, ..., out)
+        del w
+        if zero is not None:  # u -= z_u * sum(xs), in place
+            u.addcmul_(xs.sum(dim=-1, keepdim=True), zero, value=-1)
         del xs
         y = _scale_and_bias(u, _per_sample(scale_out, u.dim(), -1, u.dtype), bias, (-1,))
         ctx.weight = weight
@@ -136,8 +154,11 @@ class ScaledQuantLinear(torch.autograd.Function):
         grad_scale_in = grad_x = None
         want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
         if ctx.needs_input_grad[0] or want_scale_in:
-            grad_xs = torch.matmul(grad_u, weight.expand_transient(grad_u.dtype))  # (B, ..., in)
-            grad_xs -= (grad_u @ weight.zero_u.to(grad_u.dtype)).unsqueeze(-1)
+            w, zero = _expanded(weight, grad_u.dtype)
+            grad_xs = torch.matmul(grad_u, w)  # (B, ..., in)
+            del w
+            if zero is not None:
+                grad_xs -= (grad_u @ zero).unsqueeze(-1)
             if want_scale_in:
                 grad_scale_in = _reduce(grad_xs * x, sum_dims).to(scale_in.dtype)
             if ctx.needs_input_grad[0]:
@@ -161,19 +182,18 @@ class ScaledQuantConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale_in, scale_out, bias, weight: PackedWeight, geo: ConvGeometry):
         xs = x if scale_in is None else x * _per_sample(scale_in, 4, 1, x.dtype)
-        w_u = weight.expand_transient(x.dtype)  # (Cout, Cin / groups, kh, kw)
-        u = F.conv2d(xs, w_u, None, geo.stride, geo.padding, geo.dilation, geo.groups)
-        del w_u
-        box = F.conv2d(
-            xs, _box_kernel(weight, geo, x), None, geo.stride, geo.padding, geo.dilation, geo.groups
-        )  # (B, groups, H', W')
+        w, zero = _expanded(weight, x.dtype)  # (Cout, Cin / groups, kh, kw)
+        u = F.conv2d(xs, w, None, geo.stride, geo.padding, geo.dilation, geo.groups)
+        del w
+        if zero is not None:
+            box = F.conv2d(xs, _box_kernel(weight, geo, x), None, geo.stride, geo.padding,
+                           geo.dilation, geo.groups)  # (B, groups, H', W')
+            # u -= z_u * box, in place; output channel o reads the box of its group
+            groups, per_group = geo.groups, weight.shape[0] // geo.groups
+            u_grouped = u.unflatten(1, (groups, per_group))  # (B, G, Cout / G, H', W')
+            u_grouped.addcmul_(box.unsqueeze(2), zero.view(1, groups, per_group, 1, 1), value=-1)
+            del box
         del xs
-        # u -= z_u * box, in place; output channel o reads the box of its group
-        zero = weight.zero_u.to(x.dtype)
-        groups, per_group = geo.groups, weight.shape[0] // geo.groups
-        u_grouped = u.unflatten(1, (groups, per_group))  # (B, G, Cout / G, H', W')
-        u_grouped.addcmul_(box.unsqueeze(2), zero.view(1, groups, per_group, 1, 1), value=-1)
-        del box
         y = _scale_and_bias(u, _per_sample(scale_out, 4, 1, u.dtype), bias, (1, -1, 1, 1))
         ctx.weight, ctx.geo, ctx.has_bias = weight, geo, bias is not None
         ctx.save_for_backward(x, scale_in, scale_out, u)
@@ -189,12 +209,14 @@ class ScaledQuantConv2d(torch.autograd.Function):
         grad_scale_in = grad_x = None
         want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
         if ctx.needs_input_grad[0] or want_scale_in:
-            grad_xs = _conv_input_grad(x, weight.expand_transient(grad_u.dtype), grad_u, geo)
-            # the box term: grad_box[b, g] = sum over g's outputs o of z_u[o] grad_u[b, o],
-            # a grouped 1x1 conv with the zero points as its kernel
-            zero = weight.zero_u.to(grad_u.dtype).view(geo.groups, -1, 1, 1)
-            grad_box = F.conv2d(grad_u, zero, groups=geo.groups)  # (B, G, H', W')
-            grad_xs -= _conv_input_grad(x, _box_kernel(weight, geo, x), grad_box, geo)
+            w, zero = _expanded(weight, grad_u.dtype)
+            grad_xs = _conv_input_grad(x, w, grad_u, geo)
+            del w
+            if zero is not None:
+                # the box term: grad_box[b, g] = sum over g's outputs o of z_u[o] grad_u[b, o],
+                # a grouped 1x1 conv with the zero points as its kernel
+                grad_box = F.conv2d(grad_u, zero.view(geo.groups, -1, 1, 1), groups=geo.groups)
+                grad_xs -= _conv_input_grad(x, _box_kernel(weight, geo, x), grad_box, geo)
             if want_scale_in:
                 grad_scale_in = (grad_xs * x).sum(dim=(2, 3)).to(scale_in.dtype)
             if ctx.needs_input_grad[0]:
