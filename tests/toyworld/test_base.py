@@ -1,0 +1,107 @@
+"""The committed toy-world base (models/toyworld-base) and the script that trains it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from toyworld.base import (
+    COLOUR_TO_LATENT,
+    REPORT_NAME,
+    BaseConfig,
+    build_text_encoder,
+    build_tokenizer,
+    colour_accuracy,
+    generate,
+    held_out_prompts,
+    images_to_tensor,
+    train_base,
+)
+from toyworld.world import IMAGE_SIZE, RARE_TOKENS, VOCABULARY, render, sample_scene
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "models" / "toyworld-base"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    pipeline = StableDiffusionPipeline.from_pretrained(BASE)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_committed_base_is_small_and_loads_as_a_stable_diffusion_pipeline(pipe):
+    size = sum(f.stat().st_size for f in BASE.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.unet.dtype == torch.float32 and pipe.vae_scale_factor == 1
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == IMAGE_SIZE
+    tokenizer = pipe.tokenizer
+    assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in VOCABULARY)
+    report = json.loads((BASE / REPORT_NAME).read_text())
+    assert report["held_out_accuracy"]["both_colours"] >= 0.9
+    assert report["timings"]["train_s"] < 3600  # wall seconds, 2 threads on 2 cores
+
+
+def test_vae_is_an_exact_colour_transform(pipe):
+    rng = np.random.default_rng(0)
+    images = images_to_tensor([render(sample_scene(rng)).image for _ in range(8)])
+    noise = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
+    images = torch.cat([images, noise])  # (10, 3, 32, 32)
+    with torch.no_grad():
+        posterior = pipe.vae.encode(images).latent_dist
+        decoded = pipe.vae.decode(posterior.mean).sample
+    expected = torch.einsum("kc,bchw->bkhw", COLOUR_TO_LATENT, images)
+    assert (posterior.mean - expected).abs().max() < 1e-5
+    assert posterior.std.max() < 1e-4
+    assert (decoded - images).abs().max() < 1e-5
+
+
+def test_rare_tokens_keep_their_initial_embeddings(pipe, tmp_path):
+    """The subject tokens are valid single tokens whose embeddings training never moved."""
+    report = json.loads((BASE / REPORT_NAME).read_text())
+    torch.manual_seed(report["config"]["seed"])
+    initial = build_text_encoder(build_tokenizer(tmp_path))
+    ids = pipe.tokenizer.convert_tokens_to_ids([t + "</w>" for t in RARE_TOKENS])
+    assert pipe.tokenizer.unk_token_id not in ids
+    trained = pipe.text_encoder.get_input_embeddings().weight.detach()
+    drawn = initial.get_input_embeddings().weight.detach()
+    assert torch.equal(trained[ids], drawn[ids])
+    common = pipe.tokenizer.convert_tokens_to_ids(["red</w>", "star</w>"])
+    assert not torch.equal(trained[common], drawn[common])
+
+
+def test_base_draws_held_out_colour_pairs(pipe):
+    """Caption colour pairs never seen in training, fixed seed: >= 90% both colours right."""
+    prompts = held_out_prompts(24, seed=7)
+    images = generate(pipe, prompts, seed=3, num_inference_steps=20, guidance_scale=4.0)
+    assert images[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    accuracy = colour_accuracy(images, prompts)
+    assert accuracy["both_colours"] >= 0.9, accuracy
+
+
+def test_train_base_is_reproducible_and_saves_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    tiny = replace(BaseConfig(), dataset_size=16, steps=3,
+                   batch_size=4, warmup_steps=1, eval_images=2, eval_inference_steps=2,
+                   threads=1, log_every=1000)
+    first = train_base(tiny, tmp_path / "a", log=lambda _: None)
+    train_base(tiny, tmp_path / "b", log=lambda _: None)
+    assert first["config"]["seed"] == 0 and set(first["held_out_accuracy"]) >= {"both_colours"}
+    for component in ("unet", "vae", "text_encoder"):
+        files = sorted((tmp_path / "a" / component).glob("*.safetensors"))
+        assert files and all(
+            f.read_bytes() == (tmp_path / "b" / component / f.name).read_bytes() for f in files)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "a")
+    assert loaded.vae.config.scaling_factor == pytest.approx(
+        json.loads((tmp_path / "a" / "vae" / "config.json").read_text())["scaling_factor"])
+    assert np.isfinite(first["final_loss"])
