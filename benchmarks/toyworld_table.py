@@ -1,0 +1,267 @@
+"""The TuneQDM paper's comparison reproduced on the toy world (toyworld/compare.py).
+
+Every method x subject x seed is one run: fine-tune the toy base on the subject, then
+generate and score its evaluation prompts. Runs go to worker processes (one torch
+thread each: small UNet ops scale badly across threads). Peak training memory is
+measured separately, one fresh process per method. Writes a markdown table (mean and
+standard deviation over seeds of the per-seed means over subjects), an image grid
+(rows: methods, columns: prompts; the top row is the renderer's ground truth) and JSON.
+
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py            # full, <= 40 min
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py --quick    # <= 5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks._common import (
+    machine_info,
+    markdown_table,
+    peak_rss_bytes,
+    release_free_memory,
+    reset_peak_rss,
+    rss_bytes,
+    write_json,
+)
+from toyworld.compare import CompareConfig, Method, paper_methods
+from toyworld.subjects import SUBJECTS, get_subject
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BASE = ROOT / "models" / "toyworld-base"
+QUICK_METHODS = [Method("none"), Method("full"), Method("lora"), Method("peqa", 4),
+                 Method("tuneqdm", 4, 4)]
+
+_WORKER: dict = {}
+
+
+def _init_worker(base: str) -> None:
+    import torch
+
+    from toyworld.compare import load_base
+
+    torch.set_num_threads(1)
+    _WORKER["pipe"] = load_base(base)
+
+
+def _run_job(key: str, subject_id: str, seed: int, config: dict, keep_images: bool) -> dict:
+    from toyworld.compare import run
+
+    start = time.perf_counter()
+    row = run(_WORKER["pipe"], Method.from_key(key), get_subject(subject_id), seed,
+              CompareConfig(**config), keep_images=keep_images)
+    row["wall_s"] = time.perf_counter() - start
+    return row
+
+
+def run_grid(base: Path, methods: list[Method], subjects: list[str], seeds: list[int],
+             config: CompareConfig, workers: int, grid_subjects: list[str]) -> list[dict]:
+    jobs = [(m.key, s, seed) for seed in seeds for m in methods for s in subjects]
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(str(base),)) as pool:
+        futures = {pool.submit(_run_job, key, subject, seed, config.to_dict(),
+                               seed == seeds[0] and subject in grid_subjects): (key, subject,
+                                                                                 seed)
+                   for key, subject, seed in jobs}
+        for done, future in enumerate(as_completed(futures), 1):
+            row = future.result()
+            rows.append(row)
+            print(f"[{done}/{len(jobs)}] {row['label']:<26} {row['subject']:<20} seed "
+                  f"{row['seed']}: subject {row['subject_fidelity']:.3f} prompt "
+                  f"{row['prompt_fidelity']:.3f} ({row['wall_s']:.1f} s)", flush=True)
+    return rows
+
+
+# -- memory ---------------------------------------------------------------------------
+
+
+def memory_child(base: str, key: str, steps: int) -> dict:
+    """In a fresh process: peak RSS growth while fine-tuning `key` for `steps` steps."""
+    import gc
+
+    import torch
+
+    from toyworld.compare import load_base, method_unet, train_config, training_subject, with_unet
+    from tuneqdm.train import finetune
+
+    torch.set_num_threads(1)
+    method = Method.from_key(key)
+    pipe = load_base(base)
+    unet = method_unet(pipe.unet, method)
+    tuned = with_unet(pipe, unet)
+    pipe.unet = None
+    subject = training_subject(SUBJECTS[0])
+    finetune(tuned, [subject], replace(train_config(method, unet, CompareConfig(), 0), steps=2))
+    gc.collect()
+    release_free_memory()
+    before = rss_bytes()
+    reset_peak_rss()
+    finetune(tuned, [subject], replace(train_config(method, unet, CompareConfig(), 0),
+                                       steps=steps))
+    return {"method": key, "peak_train_bytes": peak_rss_bytes() - before,
+            "model_bytes": sum(t.numel() * t.element_size()
+                               for t in [*unet.parameters(), *unet.buffers()])}
+
+
+def measure_memory(base: Path, methods: list[Method], steps: int) -> dict[str, dict]:
+    def one(method: Method) -> dict:
+        command = [sys.executable, __file__, "--memory-child", method.key, "--base", str(base),
+                   "--memory-steps", str(steps)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    trained = [m for m in methods if m.name != "none"]
+    with ThreadPoolExecutor(2) as pool:
+        return {r["method"]: r for r in pool.map(one, trained)}
+
+
+# -- tables and grid ------------------------------------------------------------------
+
+
+def _mean_std(values: list[float], digits: int = 3) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summarise(rows: list[dict], methods: list[Method], memory: dict[str, dict]) -> list[dict]:
+    """One row per method: per seed, the mean over subjects; then mean ± std over seeds."""
+    table = []
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method.key]
+        seeds = sorted({r["seed"] for r in mine})
+
+        def per_seed(field: str, mine=mine, seeds=seeds) -> list[float]:
+            return [statistics.mean(r[field] for r in mine if r["seed"] == s) for s in seeds]
+
+        peak = memory.get(method.key, {}).get("peak_train_bytes")
+        table.append({
+            "method": method.label,
+            "subject": _mean_std(per_seed("subject_fidelity")),
+            "colour": _mean_std(per_seed("subject_colour"), 2),
+            "shape": _mean_std(per_seed("subject_shape"), 2),
+            "pattern": _mean_std(per_seed("subject_pattern"), 2),
+            "prompt": _mean_std(per_seed("prompt_fidelity")),
+            "background": _mean_std(per_seed("background"), 2),
+            "position": _mean_std(per_seed("position"), 2),
+            "trainable": f"{mine[0]['trainable']:,}",
+            "bytes": f"{mine[0]['personal_bytes']:,}",
+            "peak": "-" if peak is None else f"{peak / 2**20:.1f}",
+            "train_s": f"{statistics.mean(r['train_s'] for r in mine):.1f}",
+        })
+    return table
+
+
+COLUMNS = [("method", "method"), ("subject", "subject fidelity"), ("colour", "colour"),
+           ("shape", "shape"), ("pattern", "pattern"), ("prompt", "prompt fidelity"),
+           ("background", "background"), ("position", "position"),
+           ("trainable", "trainable numbers"), ("bytes", "per-subject bytes"),
+           ("peak", "peak training MiB"), ("train_s", "train s")]
+
+
+def write_grid(path: Path, rows: list[dict], methods: list[Method], subjects: list[str]) -> None:
+    """PNG: one column per (subject, first prompt image), rows = truth + methods."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from toyworld.subjects import subject_contexts
+    from toyworld.world import render
+
+    zoom, label_w = 3, 190
+    truth = [render(subject_contexts(get_subject(s))[1][0]).image for s in subjects]
+    lines = [("target (renderer)", truth)]
+    for method in methods:
+        by_subject = {r["subject"]: r for r in rows if r["method"] == method.key and "images" in r}
+        lines.append((method.label, [by_subject[s]["images"][0] for s in subjects]))
+    cell = 32 * zoom + 4
+    canvas = Image.new("RGB", (label_w + cell * len(subjects), cell * len(lines)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, images) in enumerate(lines):
+        draw.text((4, i * cell + cell // 2 - 6), label, fill="black")
+        for j, image in enumerate(images):
+            tile = Image.fromarray(np.asarray(image)).resize((32 * zoom, 32 * zoom),
+                                                             Image.NEAREST)
+            canvas.paste(tile, (label_w + j * cell + 2, i * cell + 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    print(f"wrote {path}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
+    parser.add_argument("--quick", action="store_true",
+                        help="2 subjects, 1 seed, 5 methods at 4 bits, 60 steps (<= 5 min)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--subjects", nargs="+", default=[s.subject_id for s in SUBJECTS[:4]],
+                        help="default: the first 4 (all 8 take about 1 hour)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory-steps", type=int, default=10)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--grid", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(str(args.base), args.memory_child, args.memory_steps)))
+        return
+    if not (args.base / "model_index.json").is_file():
+        raise SystemExit(f"--base {args.base}: no pipeline there (train it with "
+                         "python -m toyworld.train_base --out models/toyworld-base)")
+    config = CompareConfig()
+    methods = paper_methods()
+    if args.quick:
+        methods, args.seeds, args.subjects = QUICK_METHODS, [0], args.subjects[:2]
+        config = replace(config, steps=60)
+    if args.steps:
+        config = replace(config, steps=args.steps)
+    start = time.perf_counter()
+    rows = run_grid(args.base, methods, args.subjects, args.seeds, config, args.workers,
+                    grid_subjects=args.subjects)
+    grid_s = time.perf_counter() - start
+    memory = {} if args.no_memory else measure_memory(args.base, methods, args.memory_steps)
+    table = markdown_table(summarise(rows, methods, memory), COLUMNS)
+    total_s = time.perf_counter() - start
+    print(table)
+    print(f"{len(rows)} runs in {grid_s:.0f} s; total {total_s:.0f} s")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        command = " ".join(["python", "benchmarks/toyworld_table.py", *(argv or sys.argv[1:])])
+        args.markdown.write_text(
+            f"Made by `HF_HUB_OFFLINE=1 {command}` in {total_s / 60:.1f} min "
+            f"({len(rows)} runs, {args.workers} workers): subjects {', '.join(args.subjects)}; "
+            f"seeds {', '.join(map(str, args.seeds))}; {config.to_dict()}.\n\n{table}\n")
+        print(f"wrote {args.markdown}")
+    if args.grid:
+        write_grid(args.grid, rows, methods, args.subjects)
+    write_json(args.json, {
+        "config": config.to_dict(), "seeds": args.seeds, "subjects": args.subjects,
+        "methods": [m.key for m in methods], "memory": memory, "machine": machine_info(),
+        "seconds": {"runs": grid_s, "total": total_s},
+        "rows": [{k: v for k, v in r.items() if k != "images"} for r in rows],
+    })
+
+
+if __name__ == "__main__":
+    main()

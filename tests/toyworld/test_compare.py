@@ -1,0 +1,96 @@
+"""The comparison runs (toyworld/compare.py) on the committed toy-world base."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from toyworld.compare import CompareConfig, Method, load_base, method_unet, paper_methods, run
+from toyworld.subjects import get_subject
+from tuneqdm import quantized_layers
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "models" / "toyworld-base"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return load_base(BASE)
+
+
+def test_paper_methods_are_the_tables_rows():
+    methods = paper_methods()
+    labels = [m.label for m in methods]
+    assert labels[:6] == ["no fine-tuning", "no fine-tuning (W8)", "no fine-tuning (W4)",
+                          "no fine-tuning (W3)", "full-precision DreamBooth", "LoRA r=4"]
+    assert labels[6:10] == ["PEQA W8", "TuneQDM N=1 W8", "TuneQDM N=2 W8", "TuneQDM N=4 W8"]
+    assert len(methods) == 6 + 3 * 4
+    assert all(Method.from_key(m.key) == m for m in methods)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "qlora"}, "allowed: none, full, lora, peqa, tuneqdm"),
+    ({"name": "peqa"}, "needs bits"),
+    ({"name": "lora", "bits": 4}, "bits must be None"),
+])
+def test_method_refuses_what_it_cannot_run(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Method(**kwargs)
+
+
+def test_method_unet_copies_and_quantizes_without_touching_the_base(pipe):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    unet = method_unet(pipe.unet, Method("tuneqdm", 3, 2))
+    layers = quantized_layers(unet)
+    assert layers and all(layer.bits == 3 for layer in layers.values())
+    assert next(iter(layers.values())).scale_out.shape[0] == 2
+    assert not quantized_layers(pipe.unet)
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_run_learns_the_subject_and_reports_its_costs(pipe):
+    """A short TuneQDM W4 fine-tune draws the subject's colour far more often than the
+    untuned base, and the row's sizes are those of the scale set it trained."""
+    subject = get_subject("dotted-square")  # green; the untuned base draws it ~10% green
+    config = CompareConfig(images_per_prompt=1)  # the table's settings: 120 steps, batch 4
+    untuned = run(pipe, Method("none"), subject, 0, config)
+    tuned = run(pipe, Method("tuneqdm", 4, 2), subject, 0, config, keep_images=True)
+    assert untuned["trainable"] == 0 and untuned["personal_bytes"] == 0
+    assert tuned["trainable"] > 0
+    # scale set: 2 experts x (out + in) floats of every layer, plus the header
+    assert 4 * tuned["trainable"] < tuned["personal_bytes"] < 4 * tuned["trainable"] + 65_536
+    assert tuned["loss_last"] < tuned["loss_first"]
+    assert len(tuned["images"]) == 4 and tuned["images"][0].shape == (32, 32, 3)
+    for row in (untuned, tuned):
+        for key in ("subject_fidelity", "prompt_fidelity", "background", "position"):
+            assert 0.0 <= row[key] <= 1.0
+    # the table (3 seeds, 2 images per prompt): 0.08-0.13 untuned, 0.74-0.85 tuned
+    assert tuned["subject_colour"] >= untuned["subject_colour"] + 0.3, (untuned, tuned)
+
+
+def _benchmark_module():
+    path = ROOT / "benchmarks" / "toyworld_table.py"
+    spec = importlib.util.spec_from_file_location("toyworld_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_is_mean_and_std_over_seeds_of_subject_means():
+    bench = _benchmark_module()
+    method = Method("peqa", 4)
+    rows = [{"method": method.key, "seed": seed, "subject": subject, "subject_fidelity": value,
+             "subject_colour": value, "subject_shape": 1.0, "subject_pattern": 0.0,
+             "prompt_fidelity": 0.5, "background": 1.0, "position": 0.0, "trainable": 10,
+             "personal_bytes": 1234, "train_s": 2.0}
+            for seed, values in ((0, (0.2, 0.4)), (1, (0.6, 0.8)))
+            for subject, value in zip(("a", "b"), values, strict=True)]
+    table = bench.summarise(rows, [method], {method.key: {"peak_train_bytes": 3 * 2**20}})
+    # per-seed means 0.3 and 0.7: mean 0.5, sample std 0.283
+    assert table[0]["subject"] == "0.500 ± 0.283"
+    assert table[0]["shape"] == "1.00 ± 0.00"
+    assert table[0]["bytes"] == "1,234" and table[0]["peak"] == "3.0"

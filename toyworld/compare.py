@@ -1,0 +1,225 @@
+"""The TuneQDM paper's comparison (arXiv 2401.04339, table 1) on the toy world.
+
+One *run* = one method, one subject, one seed: fine-tune the base's UNet on the
+subject's 5 images with its instance prompt ("a sks star"), then generate its 4
+evaluation prompts (contexts none of its images show) and score every image against
+the renderer's ground truth (metrics.py):
+
+- subject fidelity: `subject_fidelity(image, subject).score`, the mean of colour
+  (fraction of object pixels in the subject's colour), shape (1 if the subject's shape
+  fits the object best) and pattern (IoU of the shaded pixels with the subject's
+  pattern, best phase);
+- prompt fidelity: the fraction of what the prompt asks beyond the subject that the
+  image shows: its background colour and its position (the 3x3 cell), each 0 or 1.
+
+Methods: no fine-tuning (the float base, and the quantized base with s0 scales),
+full-precision DreamBooth (all UNet weights), LoRA r=4 on the attention projections,
+PEQA (s_out) and TuneQDM (s_out, s_in, N experts), at 8, 4 and 3 bits. Scale methods
+use one relative learning rate: lr_scale_out = rel_lr * mean(s0), so every bit width
+takes the same relative steps (s0 grows ~2x per bit removed); s_in gets the library's
+default, the same relative step.
+
+`benchmarks/toyworld_table.py` runs the grid in parallel and writes the table.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .metrics import prompt_fidelity, subject_fidelity
+from .subjects import Subject, evaluation_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+SCALE_METHODS = ("peqa", "tuneqdm")
+FLOAT_METHODS = ("full", "lora")
+
+
+@dataclass(frozen=True)
+class Method:
+    """name: "none", "full", "lora", "peqa" or "tuneqdm"; bits None = float UNet."""
+
+    name: str
+    bits: int | None = None
+    num_experts: int = 1
+
+    def __post_init__(self) -> None:
+        allowed = ("none", *FLOAT_METHODS, *SCALE_METHODS)
+        if self.name not in allowed:
+            raise ValueError(f"Method.name={self.name!r}; allowed: {', '.join(allowed)}")
+        if self.name in SCALE_METHODS and self.bits is None:
+            raise ValueError(f"method {self.name!r} needs bits")
+        if self.name in FLOAT_METHODS and self.bits is not None:
+            raise ValueError(f"method {self.name!r} trains a float UNet: bits must be None")
+
+    @property
+    def label(self) -> str:
+        if self.name == "none":
+            return "no fine-tuning" + ("" if self.bits is None else f" (W{self.bits})")
+        if self.name == "full":
+            return "full-precision DreamBooth"
+        if self.name == "lora":
+            return "LoRA r=4"
+        if self.name == "peqa":
+            return f"PEQA W{self.bits}"
+        return f"TuneQDM N={self.num_experts} W{self.bits}"
+
+    @property
+    def key(self) -> str:
+        bits = "fp32" if self.bits is None else f"w{self.bits}"
+        return f"{self.name}-n{self.num_experts}-{bits}"
+
+    @classmethod
+    def from_key(cls, key: str) -> Method:
+        name, experts, bits = key.split("-")
+        return cls(name, None if bits == "fp32" else int(bits[1:]), int(experts[1:]))
+
+
+def paper_methods(bits: tuple[int, ...] = (8, 4, 3),
+                  experts: tuple[int, ...] = (1, 2, 4)) -> list[Method]:
+    """The table's rows, in order."""
+    rows = [Method("none"), *(Method("none", b) for b in bits),
+            Method("full"), Method("lora")]
+    for b in bits:
+        rows.append(Method("peqa", b))
+        rows += [Method("tuneqdm", b, n) for n in experts]
+    return rows
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Fine-tuning and evaluation settings shared by every run."""
+
+    # Tuned on 3 subjects, seed 0 (docs/toyworld.md): relative rates 5e-3..1e-1 for the
+    # scales, 2e-4..3e-3 for full fine-tuning, 1e-2..3e-2 for LoRA; the best of each.
+    steps: int = 120
+    batch_size: int = 4
+    rel_lr: float = 1e-2  # scale methods: lr_scale_out = rel_lr * mean(s0)
+    lr_full: float = 3e-4
+    lr_lora: float = 1e-2
+    images_per_prompt: int = 2
+    inference_steps: int = 20
+    guidance_scale: float = 4.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_base(path: str | Path):
+    """The float toy-world pipeline (StableDiffusionPipeline.from_pretrained)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def with_unet(pipe, unet):
+    """A pipeline sharing `pipe`'s components except the UNet."""
+    tuned = type(pipe)(**{**pipe.components, "unet": unet}, requires_safety_checker=False)
+    tuned.set_progress_bar_config(disable=True)
+    return tuned
+
+
+def method_unet(float_unet: torch.nn.Module, method: Method) -> torch.nn.Module:
+    """A fresh UNet for `method`: a copy of the float one, quantized where it says."""
+    from tuneqdm import QuantConfig, quantize_
+
+    unet = copy.deepcopy(float_unet)
+    if method.bits is None:
+        return unet
+    kind = "peqa" if method.name in ("peqa", "none") else "tuneqdm"
+    experts = 1 if kind == "peqa" else method.num_experts
+    return quantize_(unet, QuantConfig(bits=method.bits, method=kind, num_experts=experts))
+
+
+def training_subject(subject: Subject, examples: Path = EXAMPLES):
+    """The subject as tuneqdm's Subject, its images read from examples/subjects/<id>."""
+    from tuneqdm.data import Subject as TrainSubject
+    from tuneqdm.data import load_image_folder
+
+    images = load_image_folder(examples / "subjects" / subject.subject_id)
+    return TrainSubject(subject.subject_id, images, subject.class_noun, token=subject.token,
+                        prompt="a {token} {class_noun}")
+
+
+def train_config(method: Method, unet: torch.nn.Module, config: CompareConfig, seed: int):
+    from tuneqdm.model import quantized_layers
+    from tuneqdm.train import TrainConfig
+
+    common = {"steps": config.steps, "batch_size": config.batch_size, "seed": seed}
+    if method.name == "full":
+        return TrainConfig(method="full", lr=config.lr_full, **common)
+    if method.name == "lora":
+        return TrainConfig(method="lora", lr=config.lr_lora, **common)
+    scale0 = torch.cat([layer.scale0.float() for layer in quantized_layers(unet).values()])
+    return TrainConfig(method="scales", lr_scale_out=config.rel_lr * float(scale0.mean()),
+                       **common)
+
+
+def personal_bytes(method: Method, unet: torch.nn.Module, result) -> int:
+    """Bytes a subject adds on top of the shared base: its scale set, LoRA weights
+    (fp32) or, for full fine-tuning, a whole fp32 UNet."""
+    if result is None:
+        return 0
+    if result.scale_set is not None:
+        return len(result.scale_set.to_bytes())
+    if method.name == "lora":
+        return 4 * sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+    return 4 * sum(p.numel() for p in unet.parameters())
+
+
+def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig,
+        examples: Path = EXAMPLES, keep_images: bool = False) -> dict:
+    """Fine-tune (unless "none"), generate the subject's evaluation prompts, score.
+
+    Returns a row: means over the images of subject fidelity (and its colour, shape
+    and pattern parts) and prompt fidelity (and background, position), plus trainable
+    numbers, per-subject bytes, training seconds and the loss before/after.
+    """
+    from tuneqdm.generate import generate
+    from tuneqdm.train import finetune
+
+    unet = method_unet(pipe.unet, method)
+    tuned = with_unet(pipe, unet)
+    result = None
+    if method.name != "none":
+        result = finetune(tuned, [training_subject(subject, examples)],
+                          train_config(method, unet, config, seed))
+    prompts = evaluation_prompts(subject)
+    images = generate(tuned, prompts, None if result is None else result.scale_set,
+                      seed=10_000 * seed, num_inference_steps=config.inference_steps,
+                      guidance_scale=config.guidance_scale,
+                      num_images_per_prompt=config.images_per_prompt)
+    asked = [p for p in prompts for _ in range(config.images_per_prompt)]
+    scores = [subject_fidelity(image, subject) for image in images]
+    checks = [prompt_fidelity(image, prompt, subject) for image, prompt in zip(images, asked,
+                                                                                 strict=True)]
+    row = {
+        "method": method.key, "label": method.label, "subject": subject.subject_id,
+        "seed": seed,
+        "subject_fidelity": float(np.mean([s.score for s in scores])),
+        "subject_colour": float(np.mean([s.colour for s in scores])),
+        "subject_shape": float(np.mean([s.shape for s in scores])),
+        "subject_pattern": float(np.mean([s.pattern for s in scores])),
+        "prompt_fidelity": float(np.mean([(c.background_ok + c.position_ok) / 2
+                                          for c in checks])),
+        "background": float(np.mean([c.background_ok for c in checks])),
+        "position": float(np.mean([c.position_ok for c in checks])),
+        "trainable": 0 if result is None else result.trainable_numbers,
+        "personal_bytes": personal_bytes(method, unet, result),
+        "train_s": 0.0 if result is None else result.seconds,
+        "loss_first": None if result is None else float(np.mean(result.losses[:10])),
+        "loss_last": None if result is None else result.final_loss,
+    }
+    if keep_images:
+        row["images"] = [np.asarray(image) for image in images]
+    return row
+
+
+__all__ = ["CompareConfig", "Method", "load_base", "method_unet", "paper_methods", "run"]
