@@ -93,7 +93,7 @@ def test_train_base_is_reproducible_and_saves_a_loadable_pipeline(tmp_path):
 
     tiny = replace(BaseConfig(), dataset_size=16, steps=3,
                    batch_size=4, warmup_steps=1, eval_images=2, eval_inference_steps=2,
-                   threads=1, log_every=1000)
+                   threads=2, log_every=1000)  # the committed model's thread count
     first = train_base(tiny, tmp_path / "a", log=lambda _: None)
     train_base(tiny, tmp_path / "b", log=lambda _: None)
     assert first["config"]["seed"] == 0 and set(first["held_out_accuracy"]) >= {"both_colours"}
