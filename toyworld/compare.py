@@ -149,16 +149,14 @@ def training_subject(subject: Subject, examples: Path = EXAMPLES):
 
 
 def train_config(method: Method, unet: torch.nn.Module, config: CompareConfig, seed: int):
-    from tuneqdm.model import quantized_layers
-    from tuneqdm.train import TrainConfig
+    from tuneqdm.train import TrainConfig, mean_scale0
 
     common = {"steps": config.steps, "batch_size": config.batch_size, "seed": seed}
     if method.name == "full":
         return TrainConfig(method="full", lr=config.lr_full, **common)
     if method.name == "lora":
         return TrainConfig(method="lora", lr=config.lr_lora, **common)
-    scale0 = torch.cat([layer.scale0.float() for layer in quantized_layers(unet).values()])
-    return TrainConfig(method="scales", lr_scale_out=config.rel_lr * float(scale0.mean()),
+    return TrainConfig(method="scales", lr_scale_out=config.rel_lr * mean_scale0(unet),
                        **common)
 
 

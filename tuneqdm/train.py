@@ -339,10 +339,15 @@ def _parameter_groups(unet: nn.Module, config: TrainConfig) -> list[dict[str, An
     return [{"params": params, "lr": lr}]
 
 
+def mean_scale0(unet: nn.Module) -> float:
+    """Mean initial output scale s0 over every output channel of a quantized model."""
+    scale0 = torch.cat([layer.scale0.float() for layer in quantized_layers(unet).values()])
+    return float(scale0.mean())
+
+
 def default_lr_scale_in(unet: nn.Module, lr_scale_out: float) -> float:
     """lr_scale_out / mean(s0): the same relative step for s_in (init 1) as for s_out."""
-    scale0 = torch.cat([layer.scale0.float() for layer in quantized_layers(unet).values()])
-    return lr_scale_out / max(float(scale0.mean()), 1e-12)
+    return lr_scale_out / max(mean_scale0(unet), 1e-12)
 
 
 def _class_images(
