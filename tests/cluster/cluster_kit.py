@@ -1,0 +1,206 @@
+"""A real multi-node Ray cluster on one machine, for the cluster tests.
+
+Every node is its own `ray start --block` process group:
+
+- the head on 127.0.0.2 (0 CPUs, the dashboard and Ray Jobs on 127.0.0.1);
+- each worker on its own loopback address (127.0.0.3, .4, ...) inside its own mount
+  namespace (`unshare --mount`), with a private tmpfs over every node-local path
+  (local output folders, the base cache) and a private copy of Ray's temp folder, so
+  a file written on one node is really absent on the others;
+- workers declare logical GPUs (`--num-gpus`), so GPU scheduling and placement run
+  for real while the computation stays on the CPU.
+
+With multi-node enabled (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1) Ray would replace
+127.0.0.1 by the machine's outward address; explicit 127.0.0.x node addresses are
+kept, and `LocalCluster.nodes()` lets tests assert that. Nothing here calls `ray stop`:
+each node is stopped by killing exactly the process group this kit started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+HEAD_IP = "127.0.0.2"
+OBJECT_STORE_BYTES = 80 * 2**20
+AGENT_PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-port",
+                    "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def namespaces_available() -> str | None:
+    """None if mount namespaces and tmpfs mounts can be made here, else the reason."""
+    if shutil.which("unshare") is None:
+        return "unshare is not installed"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         "mount -t tmpfs tmpfs /mnt && umount /mnt"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot make a mount namespace with a tmpfs: {probe.stderr.strip()}"
+    return None
+
+
+@dataclass
+class Node:
+    ip: str
+    process: subprocess.Popen
+    log: Path
+    gpus: int = 0
+    cpus: int = 0
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group (raylet, workers, agents)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class LocalCluster:
+    """A head plus worker nodes under `root` (see the module docstring).
+
+    node_local: absolute paths that each worker sees as its own empty tmpfs.
+    """
+
+    root: Path
+    node_local: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    head: Node | None = None
+    workers: list[Node] = field(default_factory=list)
+    gcs_port: int = 0
+    dashboard_port: int = 0
+
+    @property
+    def temp_dir(self) -> Path:
+        return self.root / "ray"
+
+    @property
+    def address(self) -> str:
+        return f"{HEAD_IP}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def node_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
+                    "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
+        env.update(self.env)
+        return env
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start_head(self) -> None:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        command = [
+            RAY, "start", "--head", "--block", f"--node-ip-address={HEAD_IP}",
+            f"--port={self.gcs_port}", "--num-cpus=0", "--num-gpus=0",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+            f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}", *self._port_flags(0)]
+        self.head = self._spawn(command, HEAD_IP, "head")
+
+    def add_worker(self, cpus: int = 1, gpus: int = 1, resources: dict | None = None) -> Node:
+        """Start one more worker node on the next loopback address."""
+        index = len(self.workers) + 1
+        ip = f"127.0.0.{2 + index}"
+        private_ray = self.root / f"node{index}-ray"
+        private_ray.mkdir(parents=True, exist_ok=True)
+        mounts = [f"mount --bind {private_ray} {self.temp_dir}"]
+        for path in self.node_local:
+            mounts.append(f"mkdir -p {path} && mount -t tmpfs -o size=512m tmpfs {path}")
+        extra = f" --resources='{json.dumps(resources)}'" if resources else ""
+        ray_cmd = " ".join([
+            RAY, "start", "--block", f"--address={self.address}", f"--node-ip-address={ip}",
+            f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+            f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats",
+            f"--min-worker-port={21000 + 1000 * index}",
+            f"--max-worker-port={21999 + 1000 * index}", *self._port_flags(index)]) + extra
+        script = " && ".join([*mounts, f"exec {ray_cmd}"])
+        node = self._spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            script], ip, f"node{index}")
+        node.cpus, node.gpus = cpus, gpus
+        self.workers.append(node)
+        return node
+
+    @staticmethod
+    def _port_flags(index: int) -> list[str]:
+        return [f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS]
+
+    def _spawn(self, command: list[str], ip: str, name: str) -> Node:
+        log = self.root / f"{name}.log"
+        with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(command, env=self.node_env(), start_new_session=True,
+                                       stdout=handle, stderr=subprocess.STDOUT)
+        return Node(ip=ip, process=process, log=log)
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 90.0) -> list[dict]:
+        """Block until `count` nodes are alive (head included); returns them."""
+        deadline = time.monotonic() + timeout_s
+        nodes: list[dict] = []
+        while time.monotonic() < deadline:
+            for node in [self.head, *self.workers]:
+                if node is not None and not node.alive():
+                    raise RuntimeError(f"node {node.ip} exited: {node.log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError, ValueError):
+                nodes = [n for n in self.nodes() if n["state"] == "ALIVE"]
+                if len(nodes) >= count:
+                    return nodes
+            time.sleep(1.0)
+        raise TimeoutError(f"{len(nodes)} of {count} nodes alive after {timeout_s} s")
+
+    def nodes(self) -> list[dict]:
+        """Every node the cluster knows (state API through the dashboard)."""
+        url = f"{self.dashboard_url}/api/v0/nodes?limit=100&detail=true"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            payload = json.loads(response.read())
+        return payload["data"]["result"]["result"]
+
+    def stop(self) -> None:
+        """Kill every node this cluster started, workers first, and remove the
+        ray_current_cluster file the head wrote into our temp folder."""
+        for node in [*self.workers, self.head]:
+            if node is not None:
+                node.kill()
+        with contextlib.suppress(FileNotFoundError):
+            (self.temp_dir / "ray_current_cluster").unlink()
+
+
+def start_cluster(root: Path, workers: int = 2, node_local: list[str] | None = None,
+                  env: dict[str, str] | None = None, gpus_per_worker: int = 1) -> LocalCluster:
+    """Start a head and `workers` workers and wait until all are alive."""
+    cluster = LocalCluster(root=root, node_local=list(node_local or []), env=dict(env or {}))
+    try:
+        cluster.start_head()
+        cluster.wait_for_nodes(1)
+        for _ in range(workers):
+            cluster.add_worker(cpus=1, gpus=gpus_per_worker)
+        cluster.wait_for_nodes(1 + workers)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
