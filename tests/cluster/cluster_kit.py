@@ -28,11 +28,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_IP = "127.0.0.2"
+NODE_LOCAL = "/tmp/tuneqdm-node-local"  # a private tmpfs on every worker node
 OBJECT_STORE_BYTES = 80 * 2**20
 AGENT_PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-port",
                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -121,7 +123,7 @@ class LocalCluster:
             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
             f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats",
-            f"--temp-dir={self.temp_dir}", *self._port_flags(0)]
+            f"--temp-dir={self.temp_dir}", *self._port_flags()]
         self.head = self._spawn(command, HEAD_IP, "head")
 
     def add_worker(self, cpus: int = 1, gpus: int = 1, resources: dict | None = None) -> Node:
@@ -139,7 +141,7 @@ class LocalCluster:
             f"--num-cpus={cpus}", f"--num-gpus={gpus}",
             f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats",
             f"--min-worker-port={21000 + 1000 * index}",
-            f"--max-worker-port={21999 + 1000 * index}", *self._port_flags(index)]) + extra
+            f"--max-worker-port={21999 + 1000 * index}", *self._port_flags()]) + extra
         script = " && ".join([*mounts, f"exec {ray_cmd}"])
         node = self._spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                             script], ip, f"node{index}")
@@ -148,7 +150,7 @@ class LocalCluster:
         return node
 
     @staticmethod
-    def _port_flags(index: int) -> list[str]:
+    def _port_flags() -> list[str]:
         return [f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS]
 
     def _spawn(self, command: list[str], ip: str, name: str) -> Node:
@@ -179,6 +181,34 @@ class LocalCluster:
         with urllib.request.urlopen(url, timeout=10) as response:
             payload = json.loads(response.read())
         return payload["data"]["result"]["result"]
+
+    # -- Ray Jobs (drivers run on the head) ----------------------------------------------
+
+    def submit_job(self, entrypoint: str, runtime_env: dict | None = None) -> str:
+        """Submit `entrypoint` as a Ray Job on the head; returns the job id."""
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url)
+        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+
+    def wait_job(self, job_id: str, timeout_s: float = 300.0,
+                 until: Callable[[str], bool] | None = None) -> tuple[str, str]:
+        """Poll the job until it ends (or `until(logs)` holds); returns (status, logs)."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = client.get_job_status(job_id)
+            logs = client.get_job_logs(job_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                return str(status.value), logs
+            if until is not None and until(logs):
+                return str(status.value), logs
+            time.sleep(1.0)
+        client.stop_job(job_id)
+        raise TimeoutError(f"job {job_id} still running after {timeout_s} s; logs:\n"
+                           f"{client.get_job_logs(job_id)[-3000:]}")
 
     def stop(self) -> None:
         """Kill every node this cluster started, workers first, and remove the

@@ -7,13 +7,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from cluster_kit import namespaces_available, start_cluster
+from cluster_kit import NODE_LOCAL, namespaces_available, start_cluster
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-NODE_LOCAL = "/tmp/tuneqdm-node-local"  # a private tmpfs on every worker node
 
 
 def pytest_collection_modifyitems(items):
@@ -22,14 +20,34 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.cluster)
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A head (0 CPUs) and two workers (1 CPU, 1 logical GPU each) on 127.0.0.2-4."""
+def s3_endpoint():
+    """moto's S3 API on 127.0.0.1 (random port), the cluster's shared storage."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_endpoint):
+    """A head (0 CPUs) and two workers (1 CPU, 1 logical GPU each) on 127.0.0.2-4;
+    every node reaches the moto S3 server through the standard AWS variables."""
     reason = namespaces_available()
     if reason is not None:
         pytest.skip(f"multi-node tests need mount namespaces: {reason}")
     root = tmp_path_factory.mktemp("cluster")
-    cluster = start_cluster(root, workers=2, node_local=[NODE_LOCAL])
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}
+    cluster = start_cluster(root, workers=2, node_local=[NODE_LOCAL], env=env)
     try:
         yield cluster
     finally:

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import NODE_LOCAL
+from cluster_kit import NODE_LOCAL
 
 PROBE = r"""
 import json, os, sys, ray
