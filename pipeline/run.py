@@ -29,15 +29,8 @@ from typing import Any, TextIO
 from .manifest import Job, group_jobs, load_manifest
 from .progress import ProgressDisplay
 from .quantize import quantize_task
-from .store import (
-    Storage,
-    base_rel,
-    content_address,
-    default_cache_dir,
-    read_done,
-    subject_rel,
-    verify_subject,
-)
+from .store import Storage, content_address, default_cache_dir, read_done, verify_subject
+from .store.layout import base_rel, subject_rel
 from .summary import counts, format_table, row, write_summary
 from .worker import WorkSettings
 
