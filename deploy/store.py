@@ -145,7 +145,7 @@ class SubjectStore:
         meta = verdict.record
         quant = meta.quant_config
         return SubjectInfo(
-            subject_id=meta.subject_id, class_noun=meta.class_noun, token=meta.token,
+            subject_id=verdict.subject_id, class_noun=meta.class_noun, token=meta.token,
             method=str(quant.get("method", "")), bits=quant.get("bits"),
             num_experts=quant.get("num_experts"), trained_at=meta.finished_at,
             base_fingerprint=meta.base_fingerprint,

@@ -47,8 +47,9 @@ class Defect(str, Enum):
 class Verdict:
     """Whether a subject's folder holds a finished artefact, and why not.
 
-    meta: meta.json as stored (once read); files: done.json's checksums; scale_set: the
-    parsed tuneqdm ScaleSet when `load_scales` passed; detail: the underlying error.
+    meta: meta.json as stored, record: the same as a SubjectMeta (both once read);
+    files: done.json's checksums; scale_set: the parsed tuneqdm ScaleSet once loaded;
+    detail: the underlying error's message.
     """
 
     done: bool
@@ -59,13 +60,8 @@ class Verdict:
     detail: str = ""
     subject_id: str = ""
     files: dict[str, str] = field(default_factory=dict)
+    record: SubjectMeta | None = None
     scale_set: Any = None
-
-    @property
-    def record(self) -> SubjectMeta | None:
-        """meta.json as a SubjectMeta (None if it was not read)."""
-        return None if self.meta is None else SubjectMeta.from_dict(self.meta,
-                                                                    self.subject_id)
 
 
 def write_subject(storage: Storage, subject_id: str, scales: bytes,
@@ -138,7 +134,7 @@ def verify_subject(storage: Storage, subject_id: str, fingerprint: str | None = 
 def _fail(found: Verdict, defect: Defect, reason: str, file: str | None = None,
           detail: str = "", scale_set: Any = None) -> Verdict:
     return Verdict(False, reason, found.meta, defect, file, detail, found.subject_id,
-                   found.files, scale_set)
+                   found.files, found.record, scale_set)
 
 
 def _read_marker(storage: Storage, subject_id: str) -> Verdict:
@@ -182,11 +178,11 @@ def _read_meta(storage: Storage, subject_id: str, files: dict[str, str]) -> Verd
         return data
     try:
         meta = json.loads(data)
-        SubjectMeta.from_dict(meta, subject_id)
+        record = SubjectMeta.from_dict(meta, subject_id)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         return _fail(marker, Defect.MALFORMED_META, f"meta.json does not parse: {err}",
                      META, str(err))
-    return Verdict(True, "finished", meta, subject_id=subject_id, files=files)
+    return Verdict(True, "finished", meta, subject_id=subject_id, files=files, record=record)
 
 
 def _load_scales(storage: Storage, found: Verdict, record: SubjectMeta,
@@ -209,4 +205,4 @@ def _load_scales(storage: Storage, found: Verdict, record: SubjectMeta,
                      f"scale set is for {scale_set.subject_ids}, not {found.subject_id}",
                      SCALES, scale_set=scale_set)
     return Verdict(True, "finished", found.meta, subject_id=found.subject_id,
-                   files=found.files, scale_set=scale_set)
+                   files=found.files, record=record, scale_set=scale_set)
