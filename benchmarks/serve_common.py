@@ -1,10 +1,10 @@
 """Shared pieces of the serving benchmarks (benchmarks/serve_*.py).
 
 - `prepare_output(root, n)`: a submit-style output folder with the tiny base (built
-  offline, quantized with pipeline.base.quantize_into_storage, no Ray) and n subjects.
+  offline, quantized with pipeline.store.quantize_into_storage, no Ray) and n subjects.
   The subjects are *synthetic*: scale sets drawn around the base's s0 (s_out = s0 *
   (1 + 0.05 eps), s_in = 1 + 0.05 eps, per expert), written with
-  pipeline.artifacts.write_subject exactly as `submit` writes trained ones. Swap
+  pipeline.store.write_subject exactly as `submit` writes trained ones. Swap
   cost, batching and throughput depend on the scale sets' shapes, not their values,
   and 100 real trainings would cost minutes of the shared machine for nothing.
 - `local_serve(...)`: local Ray (2 CPUs) + Serve on 127.0.0.1, stopped on exit.
@@ -40,9 +40,15 @@ def prepare_output(root: str | Path, num_subjects: int, seed: int = 0) -> Path:
     (reused when already there)."""
     import torch
 
-    from pipeline.artifacts import write_subject
-    from pipeline.base import base_rel, content_address, quantize_into_storage, read_done
-    from pipeline.storage import Storage
+    from pipeline.store import (
+        Storage,
+        SubjectMeta,
+        base_rel,
+        content_address,
+        quantize_into_storage,
+        read_done,
+        write_subject,
+    )
     from tuneqdm import QuantConfig
     from tuneqdm.base import load_quantized_unet
     from tuneqdm.model import quantized_layers
@@ -66,8 +72,6 @@ def prepare_output(root: str | Path, num_subjects: int, seed: int = 0) -> Path:
     layers = quantized_layers(unet)
     n = QUANT["num_experts"]
     generator = torch.Generator().manual_seed(seed)
-    base = {"address": address, "fingerprint": done["fingerprint"], "source": str(source),
-            "revision": None, "uri": storage.uri(base_rel(address))}
     for index, subject_id in enumerate(ids):
         tensors = {}
         for name, layer in layers.items():
@@ -80,11 +84,11 @@ def prepare_output(root: str | Path, num_subjects: int, seed: int = 0) -> Path:
                              num_train_timesteps=1000, base_fingerprint=done["fingerprint"],
                              subjects=[{"subject_id": subject_id, "token": token,
                                         "class_noun": class_noun}])
-        meta = {"status": "done", "subject_id": subject_id, "class_noun": class_noun,
-                "token": token, "instance_prompt": f"a photo of {token} {class_noun}",
-                "quant_config": quant, "base": base, "spec_hash": f"synthetic-{index}",
-                "final_loss": None, "steps": 0, "synthetic": True,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        meta = SubjectMeta(subject_id=subject_id, base_fingerprint=done["fingerprint"],
+                           base_address=address, spec_hash=f"synthetic-{index}",
+                           run_id="synthetic", class_noun=class_noun, token=token,
+                           prompt="a photo of {token} {class_noun}", quant_config=quant,
+                           steps=0, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_subject(storage, subject_id, scale_set.to_bytes(), meta, [])
     return output
 

@@ -8,7 +8,7 @@ mixes subjects.
 
     errors.py      exceptions that carry their HTTP status
     params.py      request parameters, their bounds, prompt placeholders
-    store.py       the served base and the subjects in storage (pipeline's layout)
+    store.py       the served base and the subjects in storage (pipeline.store)
     bank.py        ScaleBank: preallocated scale rows, LRU slots, in-place writes
     batcher.py     the replica's cross-subject request batching (asyncio)
     engine.py      base + bank + generation, no Ray (also behind `generate`)

@@ -21,7 +21,6 @@ file: `deploy.app:app_builder`) and Serve.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -197,18 +196,10 @@ class ServeBackend:
 
 
 def native_size(store: SubjectStore) -> int:
-    """The base's image side in pixels: UNet sample_size x the VAE's scale factor."""
-    from pipeline.base import base_rel
+    """The served base's image side in pixels (pipeline.store.native_size)."""
+    from pipeline.store import native_size as base_native_size
 
-    rel = base_rel(store.base.address)
-    unet = store.storage.read_json(f"{rel}/unet/config.json")
-    try:
-        vae = store.storage.read_json(f"{rel}/vae/config.json")
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        factor = 8
-    size = unet["sample_size"]
-    return int((size[0] if isinstance(size, list) else size) * factor)
+    return base_native_size(store.storage, store.base.address)
 
 
 @serve.deployment(name="Ingress")

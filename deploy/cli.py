@@ -24,7 +24,7 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 
 
 def _storage_options(values: tuple[str, ...]) -> dict[str, Any]:
-    from pipeline.storage import parse_storage_options
+    from pipeline.store import parse_storage_options
 
     try:
         return parse_storage_options(values)
@@ -41,7 +41,7 @@ base_option = click.option(
 
 
 def _open_store(output: str, storage_options: tuple[str, ...], base: str | None):
-    from pipeline.storage import Storage, StorageError
+    from pipeline.store import Storage, StorageError
 
     from .store import SubjectStore
 

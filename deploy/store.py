@@ -1,16 +1,13 @@
 """What the service reads from storage: the served base and the trained subjects.
 
-It reads the layout that `tuneqdm-pipeline submit` writes (pipeline/artifacts.py,
-pipeline/base.py) through the pipeline's Storage class, local folder or s3://:
-
-    <output>/bases/<address>/            the quantized base (done.json last)
-    <output>/subjects/<id>/done.json     the completion marker: base fingerprint and
-                                         sha256 of scales.safetensors and meta.json
-    <output>/subjects/<id>/scales.safetensors, meta.json
-
-Subject ids are validated (pipeline.manifest.validate_subject_id) before any path is
-built. A subject is servable when its done.json names the served base's fingerprint;
-its scale set is then read, checked against its checksum, parsed (never unpickled)
+It reads the layout that `tuneqdm-pipeline submit` writes through the artefact store
+(pipeline.store, local folder or s3://): the quantized base under bases/<address>/
+and subjects/<id>/ with meta.json and scales.safetensors under their completion
+marker, done.json. Subject ids are validated (pipeline.store.validate_subject_id)
+before any path is built. Every subject is read with `pipeline.store.verify_subject`,
+the reader that resume and `status` use too: a subject is listed once its done.json
+and meta.json check out, servable when meta.json names the served base's fingerprint;
+its scale set is then read, checked against its checksum, parsed (never unpickled),
 and checked against the base's layers by the caller (ScaleSet.check_fits).
 """
 
@@ -22,29 +19,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import DONE, META, SCALES, SUBJECTS_DIR, subject_rel
-from pipeline.base import BASES_DIR, local_base_path, read_done
-from pipeline.manifest import ID_RULE, validate_subject_id
-from pipeline.storage import Storage, sha256_hex
+from pipeline.store import (
+    BASES_DIR,
+    ID_RULE,
+    SCALES,
+    BaseInfo,
+    Defect,
+    Storage,
+    Verdict,
+    complete_bases,
+    last_run_base,
+    local_base_path,
+    read_base,
+    subject_ids,
+    validate_subject_id,
+    verify_subject,
+)
 
 from .errors import BaseNotFound, InvalidRequest, SubjectMismatch, SubjectNotFound
 
-SUMMARY = "summary.json"
-
-
-@dataclass(frozen=True)
-class BaseRef:
-    """The quantized base a service runs on."""
-
-    address: str
-    fingerprint: str
-    source: str
-    quant_config: dict[str, Any]
+BaseRef = BaseInfo  # the served base (address, fingerprint, source, quant_config, ...)
 
 
 @dataclass(frozen=True)
 class SubjectInfo:
-    """One subject, as listed by GET /v1/subjects (from done.json and meta.json)."""
+    """One subject, as listed by GET /v1/subjects (from its meta.json and done.json)."""
 
     subject_id: str
     class_noun: str
@@ -73,44 +72,27 @@ def check_subject_id(subject_id: str) -> str:
         raise InvalidRequest(f"subject id {shown!r} is invalid: use {ID_RULE}") from None
 
 
-def resolve_base(storage: Storage, address: str | None = None) -> BaseRef:
+def resolve_base(storage: Storage, address: str | None = None) -> BaseInfo:
     """The base to serve: `address` if given, else the only complete base under
     bases/, else the base of the last submit (summary.json). Raises BaseNotFound."""
     if address is not None:
-        done = read_done(storage, address) if _safe_segment(address) else None
-        if done is None:
+        info = read_base(storage, address)
+        if info is None:
             raise BaseNotFound(f"no complete quantized base {address!r} under "
                                f"{storage.uri(BASES_DIR)}")
-        return _base_ref(address, done)
-    complete = {}
-    for name in storage.list_dir(BASES_DIR):
-        if _safe_segment(name) and (done := read_done(storage, name)) is not None:
-            complete[name] = done
+        return info
+    complete = complete_bases(storage)
     if len(complete) == 1:
-        (name, done), = complete.items()
-        return _base_ref(name, done)
+        return next(iter(complete.values()))
     if not complete:
         raise BaseNotFound(f"{storage.root} holds no complete quantized base under "
                            f"{BASES_DIR}/: run `tuneqdm-pipeline submit -o {storage.root}` "
                            "first")
-    try:
-        last = storage.read_json(SUMMARY).get("base", {}).get("address")
-    except (FileNotFoundError, OSError, AttributeError):
-        last = None
+    last = last_run_base(storage)
     if last in complete:
-        return _base_ref(last, complete[last])
+        return complete[last]
     raise BaseNotFound(f"{storage.root} holds {len(complete)} bases ({', '.join(sorted(complete))})"
                        "; choose one with --base")
-
-
-def _safe_segment(name: str) -> bool:
-    return bool(name) and "/" not in name and name not in (".", "..") and not name.startswith(".")
-
-
-def _base_ref(address: str, done: dict[str, Any]) -> BaseRef:
-    return BaseRef(address=address, fingerprint=done["fingerprint"],
-                   source=str(done.get("source", "")),
-                   quant_config=dict(done.get("quant_config") or {}))
 
 
 class SubjectStore:
@@ -137,61 +119,55 @@ class SubjectStore:
 
     def subject_ids(self) -> list[str]:
         """Ids of the folders under subjects/ that are valid ids (finished or not)."""
-        ids = []
-        for name in self.storage.list_dir(SUBJECTS_DIR):
-            try:
-                ids.append(validate_subject_id(name))
-            except ValueError:
-                continue
-        return ids
+        return subject_ids(self.storage)
 
-    def _done(self, subject_id: str) -> dict[str, Any]:
+    def _verified(self, subject_id: str, load_scales: bool) -> Verdict:
+        """verify_subject's answer, or the Serve error for a subject that is not there."""
         check_subject_id(subject_id)
-        try:
-            done = self.storage.read_json(subject_rel(subject_id, DONE))
-        except FileNotFoundError:
+        verdict = verify_subject(self.storage, subject_id, load_scales=load_scales,
+                                 check_files=False,
+                                 scales_source=f"scale set of {subject_id!r}")
+        if verdict.meta is not None:  # done.json and meta.json check out
+            return verdict
+        if verdict.defect in (Defect.NOT_STARTED, Defect.UNFINISHED):
             raise SubjectNotFound(f"subject {subject_id!r} not found: no finished scale set "
-                                  "of that id") from None
-        if not isinstance(done, dict) or done.get("status") != "done":
+                                  "of that id")
+        if verdict.defect is Defect.NOT_DONE:
             raise SubjectNotFound(f"subject {subject_id!r} not found: its training did not "
                                   "finish")
-        return done
+        if verdict.defect is Defect.MISSING:
+            raise SubjectNotFound(f"subject {subject_id!r} not found: {verdict.file} is "
+                                  "missing")
+        raise SubjectMismatch(f"subject {subject_id!r}: {verdict.reason} (changed or corrupt "
+                              "since training); retrain it")
+
+    def _info(self, verdict: Verdict) -> SubjectInfo:
+        meta = verdict.record
+        quant = meta.quant_config
+        return SubjectInfo(
+            subject_id=verdict.subject_id, class_noun=meta.class_noun, token=meta.token,
+            method=str(quant.get("method", "")), bits=quant.get("bits"),
+            num_experts=quant.get("num_experts"), trained_at=meta.finished_at,
+            base_fingerprint=meta.base_fingerprint,
+            servable=meta.base_fingerprint == self.base.fingerprint,
+            instance_prompt=meta.instance_prompt, final_loss=meta.final_loss,
+            steps=meta.steps, scales_sha256=verdict.files.get(SCALES, ""))
 
     def describe(self, subject_id: str) -> SubjectInfo:
         """The subject's listing entry; SubjectNotFound if it has not finished."""
-        done = self._done(subject_id)
-        try:
-            meta = self.storage.read_json(subject_rel(subject_id, META))
-        except FileNotFoundError:
-            raise SubjectNotFound(f"subject {subject_id!r} not found: meta.json is "
-                                  "missing") from None
-        quant = meta.get("quant_config") or {}
-        fingerprint = str(done.get("base_fingerprint", ""))
-        return SubjectInfo(
-            subject_id=subject_id,
-            class_noun=str(meta.get("class_noun", "")),
-            token=str(meta.get("token", "")),
-            method=str(quant.get("method", "")),
-            bits=quant.get("bits"),
-            num_experts=quant.get("num_experts"),
-            trained_at=meta.get("finished_at"),
-            base_fingerprint=fingerprint,
-            servable=fingerprint == self.base.fingerprint,
-            instance_prompt=str(meta.get("instance_prompt", "")),
-            final_loss=meta.get("final_loss"),
-            steps=meta.get("steps"),
-            scales_sha256=str((done.get("files") or {}).get(SCALES, "")),
-        )
+        return self._info(self._verified(subject_id, load_scales=False))
+
+    def _check_servable(self, info: SubjectInfo) -> SubjectInfo:
+        if not info.servable:
+            raise SubjectMismatch(
+                f"subject {info.subject_id!r} was trained on base "
+                f"{info.base_fingerprint[:12]}..., not on the served base "
+                f"{self.base.fingerprint[:12]}...; serve its base (--base) or retrain it")
+        return info
 
     def servable(self, subject_id: str) -> SubjectInfo:
         """describe(), or SubjectMismatch (409) if it was trained on another base."""
-        info = self.describe(subject_id)
-        if not info.servable:
-            raise SubjectMismatch(
-                f"subject {subject_id!r} was trained on base {info.base_fingerprint[:12]}..., "
-                f"not on the served base {self.base.fingerprint[:12]}...; serve its base "
-                "(--base) or retrain it")
-        return info
+        return self._check_servable(self.describe(subject_id))
 
     def list_subjects(self) -> list[SubjectInfo]:
         """Every finished subject (servable or not), sorted by id."""
@@ -199,7 +175,7 @@ class SubjectStore:
         for subject_id in self.subject_ids():
             try:
                 out.append(self.describe(subject_id))
-            except SubjectNotFound:
+            except (SubjectNotFound, SubjectMismatch):
                 continue
         return out
 
@@ -209,26 +185,22 @@ class SubjectStore:
         Raises SubjectNotFound (404) or SubjectMismatch (409: another base, corrupt
         file, not a scale set). Layer shapes are checked when the set meets the UNet.
         """
-        from tuneqdm.scaleset import ScaleSet, ScaleSetError
-
-        info = self.servable(subject_id)
-        try:
-            data = self.storage.read_bytes(subject_rel(subject_id, SCALES))
-        except FileNotFoundError:
-            raise SubjectNotFound(f"subject {subject_id!r} not found: scales.safetensors is "
-                                  "missing") from None
-        if info.scales_sha256 and sha256_hex(data) != info.scales_sha256:
+        verdict = self._verified(subject_id, load_scales=True)
+        info = self._check_servable(self._info(verdict))
+        if verdict.defect is Defect.MISSING:
+            raise SubjectNotFound(f"subject {subject_id!r} not found: {SCALES} is missing")
+        if verdict.defect is Defect.CHECKSUM:
             raise SubjectMismatch(f"scale set of {subject_id!r} does not match its checksum "
                                   "(changed or corrupt since training); retrain it")
-        try:
-            scale_set = ScaleSet.from_bytes(data, source=f"scale set of {subject_id!r}")
-        except ScaleSetError as err:
-            raise SubjectMismatch(str(err)) from None
-        if scale_set.base_fingerprint != self.base.fingerprint:
+        if verdict.defect is Defect.SCALES_UNLOADABLE:
+            raise SubjectMismatch(verdict.detail)
+        if verdict.defect is Defect.SCALES_OTHER_BASE:
             raise SubjectMismatch(f"scale set of {subject_id!r} names base "
-                                  f"{scale_set.base_fingerprint[:12]}..., not the served base "
-                                  f"{self.base.fingerprint[:12]}...")
-        return scale_set, info
+                                  f"{verdict.scale_set.base_fingerprint[:12]}..., not the "
+                                  f"served base {self.base.fingerprint[:12]}...")
+        if not verdict.done:
+            raise SubjectMismatch(f"scale set of {subject_id!r}: {verdict.reason}")
+        return verdict.scale_set, info
 
 
 class SubjectCatalog:

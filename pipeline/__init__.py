@@ -3,12 +3,14 @@
 `submit` turns a CSV of subjects into one small scale set per subject: the base model
 is quantized once (a Ray task, content-addressed in storage), then a pool of
 fine-tuning actors each load that base once and pull subjects from a queue
-(DESIGN.md section 3). Modules:
+(docs/design.md §3). Modules:
 
-- manifest.py   subjects.csv parsing and validation (errors name file, line, column)
-- storage.py    fsspec URIs (local folders, s3://) with atomic writes
-- base.py       content address of a quantized base; the quantize task; local copies
-- artifacts.py  per-subject layout, completion markers, resume verification
+- store/        the artefact store (no Ray; deploy/ reads through it too): storage,
+                layout, typed records, bases, subjects and their one verifier, the
+                per-node base cache
+- manifest.py   subjects.csv parsing and validation (errors name file, line, column);
+                columns.py reads each column, photos.py lists and reads the photos
+- quantize.py   the quantize Ray task
 - worker.py     training one subject (or group) end to end, without Ray
 - actors.py     the FineTuner actor and the progress tracker
 - scheduler.py  the actor pool: queue, ray.wait, replacement and bounded retries

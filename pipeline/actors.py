@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from .manifest import Job
-from .storage import Storage
+from .store import Storage, local_base_path
 from .worker import WorkSettings, failed, train_job
 
 PROGRESS_INTERVAL_S = 0.5
@@ -30,8 +30,6 @@ class FineTuner:
         import torch
 
         from tuneqdm.base import load_quantized_pipeline
-
-        from .base import local_base_path
 
         start = time.perf_counter()
         torch.set_num_threads(max(1, int(num_threads)))

@@ -15,7 +15,7 @@ import click
 
 from .manifest import ManifestError
 from .run import DEFAULT_OUTPUT, RunError, SubmitConfig, SubmitError, submit
-from .storage import Storage, StorageError, parse_storage_options
+from .store import Storage, StorageError, parse_storage_options
 from .summary import collect_status, format_table
 
 INPUT_ERROR = 2
@@ -32,9 +32,9 @@ def _storage_options(values: tuple[str, ...]) -> dict:
 storage_option = click.option(
     "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
     help="fsspec option for s3:// output and images, repeatable; e.g. "
-         "endpoint_url=http://127.0.0.1:9000, key=..., secret=..., "
-         "client_kwargs.region_name=... (credentials otherwise come from the usual AWS "
-         "environment variables and files).")
+         "endpoint_url=http://127.0.0.1:9000, profile=NAME, "
+         "client_kwargs.region_name=... Credentials are refused here: they come from "
+         "the usual AWS environment variables and files.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -13,19 +13,16 @@ One row per subject. Columns (header required, order free):
     steps, lr_scale_out, lr_scale_in, seed    optional per-row training overrides
 
 Blank lines and lines starting with `#` are ignored. All problems are collected and
-raised together as one `ManifestError`, each naming file, line and column.
+raised together as one `ManifestError`, each naming file, line and column. Each
+column's rule is one reader in columns.py; photos are listed by photos.py.
 """
 
 from __future__ import annotations
 
 import csv
-import glob as globlib
 import hashlib
 import io
 import json
-import math
-import re
-import string
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,19 +30,16 @@ from typing import Any
 
 from tuneqdm.images import DEFAULT_MAX_PIXELS, ImageLoadError, check_image
 
-from .storage import is_remote
-
-ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-ID_RULE = "1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
-TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_<>-]{1,32}$")
-REQUIRED_COLUMNS = ("subject_id", "images", "class")
-OPTIONAL_COLUMNS = ("token", "prompt", "group", "steps", "lr_scale_out", "lr_scale_in", "seed")
-ALLOWED_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
-OVERRIDE_COLUMNS = ("steps", "lr_scale_out", "lr_scale_in", "seed")
-DEFAULT_TOKEN = "sks"
-DEFAULT_PROMPT = "a photo of {token} {class_noun}"
-PROMPT_FIELDS = ("token", "class_noun")
-MAX_STEPS = 1_000_000
+from .columns import (
+    ALLOWED_COLUMNS,
+    CELL_READERS,
+    DEFAULT_PROMPT,
+    DEFAULT_TOKEN,
+    OVERRIDE_COLUMNS,
+    REQUIRED_COLUMNS,
+    read_images,
+)
+from .photos import ImageRef, read_image_bytes
 
 
 @dataclass(frozen=True)
@@ -70,21 +64,6 @@ class ManifestError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) in the subjects file:\n{lines}")
-
-
-def validate_subject_id(value: str) -> str:
-    """Return `value` if it is a valid subject (or group) id, else raise ValueError."""
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise ValueError(f"{value!r} is not a valid id: use {ID_RULE}")
-    return value
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """One training photo: where it is and how big the file was when validated."""
-
-    uri: str
-    size: int
 
 
 @dataclass(frozen=True)
@@ -186,6 +165,8 @@ def load_manifest(path: str | Path, storage_options: dict[str, Any] | None = Non
 
 
 class _Parser:
+    """Collects every problem of one CSV text; `parse` raises them together."""
+
     def __init__(self, name: str, base_dir: Path, storage_options: dict[str, Any],
                  check_images: bool, max_pixels: int, min_side: int) -> None:
         self.name = name
@@ -213,22 +194,7 @@ class _Parser:
         if len(rows) == 1:
             raise ManifestError([Problem(self.name, header_line, None,
                                          "no subjects: the file has a header but no rows")])
-        specs: list[SubjectSpec] = []
-        first_line: dict[str, int] = {}
-        for line, cells in rows[1:]:
-            if len(cells) != len(columns):
-                self.problem(line, None, f"has {len(cells)} fields, the header has "
-                                         f"{len(columns)} ({','.join(columns)})")
-                continue
-            spec = self._row(line, dict(zip(columns, (c.strip() for c in cells), strict=True)))
-            if spec is None:
-                continue
-            if spec.subject_id in first_line:
-                self.problem(line, "subject_id", f"duplicate id {spec.subject_id!r} (first "
-                                                 f"used on line {first_line[spec.subject_id]})")
-                continue
-            first_line[spec.subject_id] = line
-            specs.append(spec)
+        specs = self._specs(columns, rows[1:])
         self._check_groups(specs)
         if self.check_images:
             self._check_image_files(specs)
@@ -267,80 +233,46 @@ class _Parser:
                 self.problem(line, column, "required column is missing from the header")
         return columns
 
+    def _specs(self, columns: list[str], rows: list[tuple[int, list[str]]]
+               ) -> list[SubjectSpec]:
+        """The valid rows, each id once (problems recorded for the others)."""
+        specs: list[SubjectSpec] = []
+        first_line: dict[str, int] = {}
+        for line, cells in rows:
+            if len(cells) != len(columns):
+                self.problem(line, None, f"has {len(cells)} fields, the header has "
+                                         f"{len(columns)} ({','.join(columns)})")
+                continue
+            spec = self._row(line, dict(zip(columns, (c.strip() for c in cells), strict=True)))
+            if spec is None:
+                continue
+            if spec.subject_id in first_line:
+                self.problem(line, "subject_id", f"duplicate id {spec.subject_id!r} (first "
+                                                 f"used on line {first_line[spec.subject_id]})")
+                continue
+            first_line[spec.subject_id] = line
+            specs.append(spec)
+        return specs
+
     def _row(self, line: int, row: dict[str, str]) -> SubjectSpec | None:
+        """A row's SubjectSpec, or None after recording each bad cell's problem."""
         before = len(self.problems)
-        subject_id = row["subject_id"]
-        if not subject_id:
-            self.problem(line, "subject_id", f"is empty; use {ID_RULE}")
-        elif not ID_PATTERN.match(subject_id):
-            self.problem(line, "subject_id", f"{subject_id!r} is not a valid id: use {ID_RULE}")
-        class_noun = row["class"]
-        if not class_noun:
-            self.problem(line, "class", "is empty; give the class noun, e.g. dog")
-        elif len(class_noun) > 100 or not class_noun.isprintable():
-            self.problem(line, "class", f"{class_noun[:40]!r} must be printable text of at "
-                                        "most 100 characters")
-        token = row.get("token") or DEFAULT_TOKEN
-        if not TOKEN_PATTERN.match(token):
-            self.problem(line, "token", f"{token!r} must be one word of 1-32 letters, digits, "
-                                        "'_', '-', '<' or '>'")
-        prompt = row.get("prompt") or DEFAULT_PROMPT
-        self._check_prompt(line, prompt)
-        group = row.get("group") or None
-        if group is not None and not ID_PATTERN.match(group):
-            self.problem(line, "group", f"{group!r} is not a valid group id: use {ID_RULE}")
-        overrides = self._overrides(line, row)
+        values: dict[str, Any] = {}
+        for column, read in CELL_READERS:
+            try:
+                values[column] = read(row.get(column, ""))
+            except ValueError as err:
+                self.problem(line, column, str(err))
+        overrides = {c: values[c] for c in OVERRIDE_COLUMNS if values.get(c) is not None}
         images: tuple[ImageRef, ...] = ()
-        if not row["images"]:
-            self.problem(line, "images", "is empty; give a folder, a glob or an s3:// prefix")
-        else:
-            images = self._resolve_images(line, row["images"])
+        try:
+            images = read_images(row["images"], self.base_dir, self.storage_options)
+        except ValueError as err:
+            self.problem(line, "images", str(err))
         if len(self.problems) != before:
             return None
-        return SubjectSpec(subject_id, images, class_noun, token, prompt, group, overrides, line)
-
-    def _check_prompt(self, line: int, prompt: str) -> None:
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None]
-        except ValueError as err:
-            self.problem(line, "prompt", f"{prompt!r} is not a valid template ({err}); use "
-                                         "{token} and {class_noun}")
-            return
-        unknown = sorted({f for f in fields if f not in PROMPT_FIELDS})
-        if unknown:
-            self.problem(line, "prompt", f"{prompt!r} uses unknown placeholder(s) {unknown}; "
-                                         "allowed: {token}, {class_noun}")
-        elif "token" not in fields:
-            self.problem(line, "prompt", f"{prompt!r} must contain {{token}}")
-
-    def _overrides(self, line: int, row: dict[str, str]) -> dict[str, Any]:
-        overrides: dict[str, Any] = {}
-        for column in ("steps", "seed"):
-            raw = row.get(column, "")
-            if not raw:
-                continue
-            low, high = (1, MAX_STEPS) if column == "steps" else (0, 2**32 - 1)
-            try:
-                value = int(raw)
-            except ValueError:
-                value = None
-            if value is None or not low <= value <= high:
-                self.problem(line, column, f"{raw!r} must be an integer in [{low}, {high}]")
-            else:
-                overrides[column] = value
-        for column in ("lr_scale_out", "lr_scale_in"):
-            raw = row.get(column, "")
-            if not raw:
-                continue
-            try:
-                value = float(raw)
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and value > 0):
-                self.problem(line, column, f"{raw!r} must be a positive number, e.g. 1e-4")
-            else:
-                overrides[column] = value
-        return overrides
+        return SubjectSpec(values["subject_id"], images, values["class"], values["token"],
+                           values["prompt"], values["group"], overrides, line)
 
     def _check_groups(self, specs: list[SubjectSpec]) -> None:
         groups: dict[str, list[SubjectSpec]] = {}
@@ -354,30 +286,23 @@ class _Parser:
             if outsider is not None and group not in [m.subject_id for m in members]:
                 self.problem(first.line, "group", f"group {group!r} has the name of the "
                              f"subject on line {outsider}, which is not in it; rename one")
-            tokens: dict[str, int] = {}
-            for member in members:
-                if member.overrides != first.overrides:
-                    self.problem(member.line, None, f"group {group!r}: training overrides "
-                                 f"{member.overrides} differ from line {first.line}'s "
-                                 f"{first.overrides}; a group trains with one setting")
-                if member.token in tokens:
-                    self.problem(member.line, "token", f"group {group!r}: token "
-                                 f"{member.token!r} is already used by line "
-                                 f"{tokens[member.token]}; jointly trained subjects need "
-                                 "distinct tokens")
-                tokens.setdefault(member.token, member.line)
+            self._check_members(group, members)
 
-    # -- images ------------------------------------------------------------------------
-
-    def _resolve_images(self, line: int, source: str) -> tuple[ImageRef, ...]:
-        try:
-            refs = list_images(source, self.base_dir, self.storage_options)
-        except Exception as err:  # a bad path, a missing bucket, no credentials, ...
-            self.problem(line, "images", f"cannot list {source!r}: {err}")
-            return ()
-        if not refs:
-            self.problem(line, "images", f"no image files found in {source!r}")
-        return tuple(refs)
+    def _check_members(self, group: str, members: list[SubjectSpec]) -> None:
+        """One group's rows: the same overrides, distinct tokens."""
+        first = members[0]
+        tokens: dict[str, int] = {}
+        for member in members:
+            if member.overrides != first.overrides:
+                self.problem(member.line, None, f"group {group!r}: training overrides "
+                             f"{member.overrides} differ from line {first.line}'s "
+                             f"{first.overrides}; a group trains with one setting")
+            if member.token in tokens:
+                self.problem(member.line, "token", f"group {group!r}: token "
+                             f"{member.token!r} is already used by line "
+                             f"{tokens[member.token]}; jointly trained subjects need "
+                             "distinct tokens")
+            tokens.setdefault(member.token, member.line)
 
     def _check_image_files(self, specs: list[SubjectSpec]) -> None:
         work = [(spec, ref) for spec in specs for ref in spec.images]
@@ -398,63 +323,7 @@ class _Parser:
             self.problems.extend(p for p in pool.map(check, work) if p is not None)
 
 
-def list_images(source: str, base_dir: Path,
-                storage_options: dict[str, Any] | None = None) -> list[ImageRef]:
-    """Resolve an `images` cell into image files, sorted.
-
-    A folder (or remote prefix) gives every non-hidden file directly inside it (each
-    must then be an image); a glob gives what it matches; a single file gives itself.
-    """
-    if is_remote(source):
-        from fsspec.core import url_to_fs
-
-        fs, path = url_to_fs(source, **(storage_options or {}))
-        protocol = source.split("://", 1)[0]
-        fs.invalidate_cache()
-        if any(ch in path for ch in "*?["):
-            infos = [fs.info(p) for p in fs.glob(path)]
-        elif fs.isfile(path):
-            infos = [fs.info(path)]
-        else:
-            infos = fs.ls(path.rstrip("/"), detail=True)
-        return sorted(
-            (ImageRef(f"{protocol}://{info['name']}", int(info.get("size") or 0))
-             for info in infos if info.get("type") == "file"
-             and not _hidden(info["name"])),
-            key=lambda r: r.uri,
-        )
-    path = Path(source).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
-    if any(ch in source for ch in "*?["):
-        files = [Path(p) for p in globlib.glob(str(path), recursive=True)]
-    elif path.is_dir():
-        files = list(path.iterdir())
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"{path} does not exist")
-    files = [f for f in files if f.is_file() and not _hidden(f.name)]
-    return sorted((ImageRef(str(f.resolve()), f.stat().st_size) for f in files),
-                  key=lambda r: r.uri)
-
-
-def read_image_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """The bytes of an image file, local or remote."""
-    if is_remote(uri):
-        import fsspec
-
-        with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
-            return handle.read()
-    return Path(uri).read_bytes()
-
-
-def _hidden(name: str) -> bool:
-    return name.rsplit("/", 1)[-1].startswith(".")
-
-
 __all__ = [
-    "ALLOWED_COLUMNS", "ID_RULE", "ImageRef", "Job", "ManifestError", "Problem", "SubjectSpec",
-    "group_jobs", "list_images", "load_manifest", "read_image_bytes",
-    "validate_subject_id",
+    "DEFAULT_PROMPT", "Job", "ManifestError", "Problem", "SubjectSpec", "group_jobs",
+    "load_manifest",
 ]

@@ -7,7 +7,7 @@ The CLI (cli.py) only parses options into a SubmitConfig and prints. Order of wo
 
 1. validate every CSV row (manifest.load_manifest); nothing starts on an error;
 2. find the base's content address; with --resume, verify each subject's finished
-   artefact against that base and the subject's spec hash (artifacts.verify_subject);
+   artefact against that base and the subject's spec hash (store.verify_subject);
 3. if anything is left: connect to Ray, quantize the base in one task unless storage
    already holds it, start the FineTuner pool and run the queue (scheduler.ActorPool);
 4. write summary.json and summary.parquet; exit status 1 if any subject failed.
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .artifacts import subject_rel, verify_subject
-from .base import base_rel, content_address, default_cache_dir, quantize_task, read_done
 from .manifest import Job, group_jobs, load_manifest
 from .progress import ProgressDisplay
-from .storage import Storage
+from .quantize import quantize_task
+from .store import Storage, content_address, default_cache_dir, read_done, verify_subject
+from .store.layout import base_rel, subject_rel
 from .summary import counts, format_table, row, write_summary
 from .worker import WorkSettings
 

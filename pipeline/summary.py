@@ -11,11 +11,15 @@ import io
 import math
 from typing import Any
 
-from .artifacts import DONE, SUBJECTS_DIR, read_meta, subject_rel, verify_subject
-from .storage import Storage
+from .store import (
+    SUMMARY_JSON,
+    SUMMARY_PARQUET,
+    Storage,
+    subject_ids,
+    subject_rel,
+    verify_subject,
+)
 
-SUMMARY_JSON = "summary.json"
-SUMMARY_PARQUET = "summary.parquet"
 COLUMNS = ("subject_id", "group", "status", "final_loss", "seconds", "steps", "attempts",
            "reason", "output", "actor")
 
@@ -98,25 +102,16 @@ def collect_status(storage: Storage, verify: bool = False) -> tuple[list[dict[st
     previous = {r["subject_id"]: r for r in (last or {}).get("subjects", [])}
     rows: list[dict[str, Any]] = []
     seen = set()
-    for subject_id in storage.list_dir(SUBJECTS_DIR):
-        try:
-            subject_rel(subject_id)
-        except ValueError:
-            continue  # not one of ours
+    for subject_id in subject_ids(storage):
         seen.add(subject_id)
-        if verify:
-            verdict = verify_subject(storage, subject_id, None, None)
-            finished, reason, meta = verdict.done, verdict.reason, verdict.meta
-        else:
-            finished = storage.exists(subject_rel(subject_id, DONE))
-            reason = "" if finished else "unfinished (no done.json)"
-            meta = read_meta(storage, subject_id) if finished else None
-        if finished and meta is not None:
-            rows.append(row(subject_id, group=meta.get("group"), status="done",
-                            final_loss=meta.get("final_loss"), seconds=meta.get("seconds"),
-                            steps=meta.get("steps"), attempts=meta.get("attempt") or 0,
-                            output=storage.uri(subject_rel(subject_id)),
-                            actor=meta.get("actor") or ""))
+        # the marker and meta.json always; with --verify every checksum and the scale set
+        verdict = verify_subject(storage, subject_id, load_scales=verify, check_files=verify)
+        reason = verdict.reason
+        if verdict.done and (meta := verdict.record) is not None:
+            rows.append(row(subject_id, group=meta.group, status="done",
+                            final_loss=meta.final_loss, seconds=meta.seconds,
+                            steps=meta.steps, attempts=meta.attempt or 0,
+                            output=storage.uri(subject_rel(subject_id)), actor=meta.actor))
             continue
         prev = previous.get(subject_id)
         if prev and prev.get("status") == "failed":

@@ -3,7 +3,7 @@
 The FineTuner actor (actors.py) calls `train_job` with its loaded pipeline; tests can
 call it directly. Steps: load and normalise the photos (tuneqdm.images), fine-tune the
 scales (tuneqdm.train.finetune), generate a few samples with the new scale set, write
-every member's artefacts (artifacts.write_subject, completion marker last).
+every member's folder (store.write_subject: a SubjectMeta each, completion marker last).
 
 A job that fails for its own reasons (unreadable photo, NaN loss, bad override)
 returns a "failed" result with the reason; only a crash of the process itself is left
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from .artifacts import write_subject
-from .manifest import Job, read_image_bytes
-from .storage import Storage
+from .manifest import Job, SubjectSpec
+from .photos import read_image_bytes
+from .store import Storage, SubjectMeta, write_subject
 
 MAX_LOSS_POINTS = 2000
 
@@ -37,7 +37,7 @@ class WorkSettings:
     """
 
     run_id: str
-    base: dict[str, Any]                  # address, fingerprint, source, revision
+    base: dict[str, Any]                  # address, fingerprint (+ source, revision, uri)
     quant_config: dict[str, Any]
     train: dict[str, Any] = field(default_factory=dict)
     samples: int = 2
@@ -63,97 +63,110 @@ def train_config_for(job: Job, settings: WorkSettings):
     return TrainConfig(**{**settings.train, **job.overrides})
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """Who runs a job, which try it is, and when it started (perf_counter)."""
+
+    job: Job
+    attempt: int
+    actor: str
+    start: float
+
+    def failed(self, reason: str, timed: bool = True) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.start if timed else 0.0
+        return failed(self.job, reason, self.attempt, self.actor, seconds)
+
+
 def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: Storage,
               on_step: Callable[[int, float], None] | None = None, attempt: int = 1,
               actor: str = "") -> dict[str, Any]:
     """Train `job` on the loaded quantized `pipe`; write its artefacts; return a result
     dict (status "done" or "failed" with a reason)."""
-    from tuneqdm.images import ImageLoadError, load_image
-    from tuneqdm.train import Subject, TrainingError, finetune
+    from tuneqdm.train import TrainingError, finetune
 
-    start = time.perf_counter()
+    run = _Attempt(job, attempt, actor, time.perf_counter())
     try:
         config = train_config_for(job, settings)
     except ValueError as err:
-        return failed(job, f"bad training settings: {err}", attempt, actor)
+        return run.failed(f"bad training settings: {err}", timed=False)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    subjects = []
-    try:
-        for spec in job.subjects:
-            images = [
-                load_image(read_image_bytes(ref.uri, settings.storage_options), name=ref.uri,
-                           min_side=settings.min_image_side,
-                           max_pixels=settings.max_image_pixels, shorter_side=resolution)
-                for ref in spec.images
-            ]
-            subjects.append(Subject(spec.subject_id, images, spec.class_noun, spec.token,
-                                    spec.prompt))
-    except ImageLoadError as err:
-        return failed(job, f"bad image: {err}", attempt, actor, time.perf_counter() - start)
-    except (FileNotFoundError, OSError) as err:
-        return failed(job, f"cannot read image: {err}", attempt, actor,
-                      time.perf_counter() - start)
-    except ValueError as err:
-        return failed(job, str(err), attempt, actor, time.perf_counter() - start)
-
+    subjects = _load_subjects(job, settings, resolution)
+    if isinstance(subjects, str):
+        return run.failed(subjects)
     try:
         result = finetune(pipe, subjects, config, on_step=on_step)
     except TrainingError as err:
-        return failed(job, f"training failed: {err}", attempt, actor,
-                      time.perf_counter() - start)
-    train_seconds = result.seconds
-    scale_set = result.scale_set
-    if scale_set is None:
-        return failed(job, "training returned no scale set", attempt, actor)
+        return run.failed(f"training failed: {err}")
+    if result.scale_set is None:
+        return run.failed("training returned no scale set", timed=False)
+    outputs = _write_outputs(pipe, run, spec_hash, settings, storage, config, result,
+                             resolution)
+    return {"job_id": job.job_id, "subjects": job.subject_ids, "status": "done",
+            "reason": "", "attempt": attempt, "actor": actor,
+            "seconds": round(time.perf_counter() - run.start, 3),
+            "final_loss": result.final_loss, "steps": len(result.losses), "outputs": outputs}
+
+
+def _load_subjects(job: Job, settings: WorkSettings, resolution: int) -> list | str:
+    """The job's tuneqdm Subjects with their photos loaded, or why they cannot be."""
+    from tuneqdm.images import ImageLoadError, load_image
+    from tuneqdm.train import Subject
+
+    try:
+        return [
+            Subject(spec.subject_id,
+                    [load_image(read_image_bytes(ref.uri, settings.storage_options),
+                                name=ref.uri, min_side=settings.min_image_side,
+                                max_pixels=settings.max_image_pixels, shorter_side=resolution)
+                     for ref in spec.images],
+                    spec.class_noun, spec.token, spec.prompt)
+            for spec in job.subjects
+        ]
+    except ImageLoadError as err:
+        return f"bad image: {err}"
+    except (FileNotFoundError, OSError) as err:
+        return f"cannot read image: {err}"
+    except ValueError as err:
+        return str(err)
+
+
+def _write_outputs(pipe, run: _Attempt, spec_hash: str, settings: WorkSettings,
+                   storage: Storage, config, result, resolution: int) -> dict[str, str]:
+    """Write every member's folder (the job's one scale set, its samples, its meta);
+    returns subject id -> folder URI."""
     import torch
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[settings.scales_dtype]
-    scales = scale_set.to_bytes(dtype)
-    samples = _samples(pipe, job, scale_set, settings, config.seed, resolution)
-    losses = [float(x) for x in result.losses]
+    scales = result.scale_set.to_bytes(dtype)
+    samples = _samples(pipe, run.job, result.scale_set, settings, config.seed, resolution)
     outputs = {}
-    for spec in job.subjects:
-        meta = {
-            "status": "done",
-            "subject_id": spec.subject_id,
-            "group": spec.group,
-            "members": job.subject_ids,
-            "job_id": job.job_id,
-            "class_noun": spec.class_noun,
-            "token": spec.token,
-            "prompt": spec.prompt,
-            "instance_prompt": spec.instance_prompt,
-            "images": [ref.uri for ref in spec.images],
-            "train_config": config.to_dict(),
-            "quant_config": settings.quant_config,
-            "base": settings.base,
-            "spec_hash": spec_hash,
-            "run_id": settings.run_id,
-            "losses": _thin(losses),
-            "final_loss": result.final_loss,
-            "steps": len(losses),
-            "train_seconds": round(train_seconds, 3),
-            "seconds": round(time.perf_counter() - start, 3),
-            "trainable_numbers": result.trainable_numbers,
-            "scale_set_bytes": len(scales),
-            "scales_dtype": settings.scales_dtype,
-            "samples": {"count": len(samples.get(spec.subject_id, [])),
-                        "steps": settings.sample_steps,
-                        "guidance_scale": settings.guidance_scale,
-                        "prompt": spec.instance_prompt},
-            "attempt": attempt,
-            "actor": actor,
-            "host": socket.gethostname(),
-            "device": str(pipe.unet.device) if hasattr(pipe.unet, "device") else "cpu",
-            "versions": library_versions(),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        outputs[spec.subject_id] = write_subject(storage, spec.subject_id, scales, meta,
-                                                 samples.get(spec.subject_id, []))
-    return {"job_id": job.job_id, "subjects": job.subject_ids, "status": "done",
-            "reason": "", "attempt": attempt, "actor": actor,
-            "seconds": round(time.perf_counter() - start, 3),
-            "final_loss": result.final_loss, "steps": len(losses), "outputs": outputs}
+    for spec in run.job.subjects:
+        own = samples.get(spec.subject_id, [])
+        meta = _subject_meta(spec, pipe, run, spec_hash, settings, config, result, len(own))
+        outputs[spec.subject_id] = write_subject(storage, spec.subject_id, scales, meta, own)
+    return outputs
+
+
+def _subject_meta(spec: SubjectSpec, pipe, run: _Attempt, spec_hash: str,
+                  settings: WorkSettings, config, result, sample_count: int) -> SubjectMeta:
+    losses = [float(x) for x in result.losses]
+    return SubjectMeta(
+        subject_id=spec.subject_id, base_fingerprint=settings.base["fingerprint"],
+        base_address=settings.base.get("address", ""), spec_hash=spec_hash,
+        run_id=settings.run_id, group=spec.group, members=tuple(run.job.subject_ids),
+        class_noun=spec.class_noun, token=spec.token, prompt=spec.prompt,
+        images=tuple(ref.uri for ref in spec.images), train_config=config.to_dict(),
+        quant_config=settings.quant_config, losses=tuple(_thin(losses)),
+        final_loss=result.final_loss, steps=len(losses),
+        train_seconds=round(result.seconds, 3),
+        seconds=round(time.perf_counter() - run.start, 3),
+        trainable_numbers=result.trainable_numbers, scales_dtype=settings.scales_dtype,
+        sample_count=sample_count, sample_steps=settings.sample_steps,
+        sample_guidance_scale=settings.guidance_scale, attempt=run.attempt, actor=run.actor,
+        host=socket.gethostname(),
+        device=str(pipe.unet.device) if hasattr(pipe.unet, "device") else "cpu",
+        versions=library_versions(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
 
 
 def _samples(pipe, job: Job, scale_set, settings: WorkSettings, seed: int,

@@ -58,8 +58,7 @@ def trained_output(tmp_path_factory) -> Path:
 def _forge_alien(output: Path) -> None:
     """`alien`: dog's scales relabelled as trained on another base, written the way the
     pipeline writes subjects (so only the fingerprint is wrong)."""
-    from pipeline.artifacts import write_subject
-    from pipeline.storage import Storage
+    from pipeline.store import Storage, write_subject
     from tuneqdm.scaleset import ScaleSet
 
     dog = output / "subjects" / "dog"

@@ -14,8 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-S3_CREDENTIALS = {"key": "testing", "secret": "testing"}
+# Credentials for moto (it accepts any) the way users give them: in the environment,
+# which s3fs reads (storage options refuse them), inherited by Ray's workers.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +46,7 @@ def s3_server():
     server.start()
     try:
         host, port = server.get_host_and_port()
-        yield {"endpoint_url": f"http://{host}:{port}", **S3_CREDENTIALS,
+        yield {"endpoint_url": f"http://{host}:{port}",
                "client_kwargs": {"region_name": "us-east-1"}}
     finally:
         server.stop()

@@ -12,8 +12,8 @@ from pipeline.manifest import (
     ManifestError,
     group_jobs,
     load_manifest,
-    validate_subject_id,
 )
+from pipeline.store import validate_subject_id
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pickle
 
 import pytest
 
-from pipeline import artifacts
-from pipeline.storage import Storage, StorageError, parse_storage_options
+from pipeline.store import Storage, StorageError, parse_storage_options
+from pipeline.store import subjects as artifacts
 
 
 def test_local_write_is_atomic_and_leaves_no_temporaries(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from pipeline_testkit import copy_photos, truncated_photo_folder, write_csv
 
 from pipeline.cli import main
 from pipeline.run import SubmitConfig, submit
-from pipeline.storage import Storage
+from pipeline.store import Storage
 
 FAST = ["--steps", "3", "--lr-scale-out", "1e-3", "--cpus-per-actor", "1", "--samples", "1",
         "--sample-steps", "2", "--guidance-scale", "1"]
@@ -182,8 +182,8 @@ def test_s3_output_and_s3_images_against_moto(ray_session, tiny_base_model, s3_s
     csv = write_csv(tmp_path / "subjects.csv", rows)
     output = f"s3://{s3_bucket}/runs/first"
     options = []
-    for key, value in [("endpoint_url", s3_server["endpoint_url"]), ("key", "testing"),
-                       ("secret", "testing"), ("client_kwargs.region_name", "us-east-1")]:
+    for key, value in [("endpoint_url", s3_server["endpoint_url"]),
+                       ("client_kwargs.region_name", "us-east-1")]:
         options += ["--storage-option", f"{key}={value}"]
     args = ["submit", str(csv), "--output", output, "--base-model", tiny_base_model,
             "--actors", "2", *options, *FAST]

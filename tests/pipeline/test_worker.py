@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 from pipeline_testkit import copy_photos, truncated_photo_folder, write_csv
 
-from pipeline import base as pbase
-from pipeline.artifacts import verify_subject
+from pipeline import store as pbase
 from pipeline.manifest import group_jobs, load_manifest
-from pipeline.storage import Storage
+from pipeline.store import Storage, verify_subject
 from pipeline.worker import WorkSettings, train_job
 
 QUANT = {"bits": 4, "method": "tuneqdm", "num_experts": 2, "num_train_timesteps": 1000,

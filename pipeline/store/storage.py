@@ -2,9 +2,15 @@
 
 Every artefact of a run lives under one root URI (`--output`). Writes are atomic:
 locally a file is written under a temporary name in the same folder and renamed over
-the target (`os.replace`); on S3 each file is one PUT, which S3 makes visible all at
-once. Paths below the root are built only from validated ids, and every segment is
-checked again here, so no `..` or `/` ever reaches the filesystem.
+the target (`os.replace`); on S3 a file is one PUT, or above s3fs's chunk size a
+multipart upload, and S3 makes either visible all at once, when it completes. Folders
+travel with fsspec's recursive `put` / `get`; a folder counts as complete only once its
+completion marker is written, last (docs/design.md §4). Paths below the root are
+built only from validated ids, and every segment is checked again here, so no `..` or
+`/` ever reaches the filesystem.
+
+Credentials never travel as storage options (they would show in the process list
+and in Ray's dashboard): s3fs reads them from the environment or a profile.
 """
 
 from __future__ import annotations
@@ -20,8 +26,14 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-# S3 allows one PUT up to 5 GiB; below this size s3fs's pipe_file makes one PUT.
-_SINGLE_PUT_LIMIT = 5 * 2**30 - 1
+# Option names refused by parse_storage_options, compared lower-case without "_"/"-":
+# exactly these, or containing one of the fragments.
+_CREDENTIAL_NAMES = frozenset({"key", "secret", "token", "password", "passwd"})
+_CREDENTIAL_FRAGMENTS = ("secret", "password", "token", "accesskey", "credential",
+                         "customerkey", "accountkey", "apikey", "privatekey")
+CREDENTIALS_HELP = ("give credentials through the environment (AWS_ACCESS_KEY_ID, "
+                    "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or a profile "
+                    "(profile=NAME, from ~/.aws/credentials), which s3fs reads")
 
 
 class StorageError(OSError):
@@ -32,7 +44,9 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """`["key=value", "client_kwargs.endpoint_url=http://..."]` -> nested dict.
 
     Values are read as JSON when they parse (`true`, `3`, `null`, `{"a": 1}`) and as
-    plain strings otherwise; a dotted key builds nested dicts.
+    plain strings otherwise; a dotted key builds nested dicts. Credentials (key,
+    secret, token, password, aws_secret_access_key, ... at any depth, also inside a
+    JSON value) are refused with a ValueError naming the option, never its value.
     """
     options: dict[str, Any] = {}
     for pair in pairs:
@@ -45,6 +59,7 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        _refuse_credentials(key, key.split("."), value)
         target = options
         *parents, leaf = key.split(".")
         for parent in parents:
@@ -53,6 +68,19 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
                 raise ValueError(f"storage option {pair!r} conflicts with an earlier value")
         target[leaf] = value
     return options
+
+
+def _refuse_credentials(option: str, names: list[str], value: Any) -> None:
+    """ValueError if any of `names`, or any key nested in `value`, names a credential."""
+    for name in names:
+        flat = name.lower().replace("_", "").replace("-", "")
+        if flat in _CREDENTIAL_NAMES or any(part in flat for part in _CREDENTIAL_FRAGMENTS):
+            raise ValueError(f"storage option {option!r} passes a credential ({name!r}), "
+                             "which is refused on the command line (it would show in the "
+                             f"process list and in Ray's dashboard): {CREDENTIALS_HELP}")
+    if isinstance(value, dict):
+        for inner, nested in value.items():
+            _refuse_credentials(option, [str(inner)], nested)
 
 
 def is_remote(uri: str) -> bool:
@@ -75,6 +103,7 @@ def normalize_root(uri: str) -> str:
 
 
 def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of `data` (the checksums in completion markers)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -164,15 +193,11 @@ class Storage:
         path = self._path(rel)
         try:
             if self.remote:
-                if len(data) > _SINGLE_PUT_LIMIT:
-                    raise StorageError(f"{self.uri(rel)}: {len(data)} bytes is over S3's "
-                                       "single-PUT limit")
-                # chunksize above the size: s3fs sends one put_object, never multipart.
-                self.fs.pipe_file(path, data, chunksize=_SINGLE_PUT_LIMIT)
+                # one PUT below 2 x s3fs's chunk size (100 MiB), else a multipart upload;
+                # S3 shows the object only when either completes.
+                self.fs.pipe_file(path, data)
             else:
                 _atomic_write_local(Path(path), data)
-        except StorageError:
-            raise
         except Exception as err:
             raise StorageError(f"cannot write {self.uri(rel)}: {err}") from err
         return self.uri(rel)
@@ -197,23 +222,43 @@ class Storage:
         self.fs.rm(path, recursive=recursive)
 
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:
-        """Copy a local folder's files to `rel/` (each file written atomically)."""
+        """Copy a local folder to `rel/`, which must not hold files yet.
+
+        Local storage: copied beside the target and renamed into place, so the folder
+        appears whole (FileExistsError if another writer's copy got there first).
+        S3: fsspec's recursive put (large files as multipart uploads); the files appear
+        one by one, so the caller writes a completion marker last.
+        """
         local_dir = Path(local_dir)
-        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            self.write_bytes(f"{rel}/{file.relative_to(local_dir).as_posix()}",
-                             file.read_bytes())
+        if self.remote:
+            try:
+                self.fs.put(f"{local_dir}/", self._path(rel), recursive=True)
+            except Exception as err:
+                raise StorageError(f"cannot upload {local_dir} to {self.uri(rel)}: "
+                                   f"{err}") from err
+            return
+        target = self.local_path(rel)
+        staging = target.with_name(f".staging-{target.name}-{uuid.uuid4().hex[:12]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(local_dir, staging)
+        try:
+            os.rename(staging, target)  # never replaces a folder that has files
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise FileExistsError(f"{self.uri(rel)} already exists") from err
 
     def download_dir(self, rel: str, local_dir: str | Path) -> None:
         """Copy every file under `rel/` into `local_dir` (which must not exist yet)."""
-        src = self._path(rel)
-        if self.remote:
-            self.fs.invalidate_cache(src)
         local_dir = Path(local_dir)
-        for path in self.fs.find(src):
-            path = str(path)
-            target = local_dir / PurePosixPath(path).relative_to(PurePosixPath(src))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.fs.cat_file(path))
+        if not self.remote:
+            shutil.copytree(self.local_path(rel), local_dir)
+            return
+        src = self._path(rel)
+        self.fs.invalidate_cache(src)
+        try:
+            self.fs.get(f"{src}/", f"{local_dir}/", recursive=True)
+        except Exception as err:
+            raise StorageError(f"cannot download {self.uri(rel)}: {err}") from err
 
 
 def _check_rel(rel: str) -> str:
