@@ -113,15 +113,7 @@ class ScaleRouter:
         if self._rows is None:
             if self.num_experts == 1 and self.slots is None:
                 return self._zero_rows(batch, torch.device(device))
-            raise RuntimeError(
-                f"no scale rows selected: this model has {self.num_experts} timestep experts"
-                f"{' and slots' if self.slots is not None else ''} and its forward does not take "
-                "(sample, timestep, ...), so nothing routes them. Before each call, route its "
-                "batch with tuneqdm.get_router(model).route_timesteps(timesteps, batch), or "
-                "set tuneqdm.get_router(model).rows to a (batch,) tensor of row indices "
-                "(slot * N + expert); tuneqdm.enable_timestep_experts(model) routes a "
-                "forward(sample, timestep, ...)"
-            )
+            raise RuntimeError(self._unrouted_message())
         if self._rows.numel() != batch:
             raise RuntimeError(
                 f"router holds {self._rows.numel()} rows but the layer input has {batch} samples"
@@ -132,6 +124,19 @@ class ScaleRouter:
         if rows is None:
             rows = self._rows_on[device] = self._rows.to(device)
         return rows
+
+    def _unrouted_message(self) -> str:
+        what = f"{self.num_experts} timestep experts"
+        if self.slots is not None:
+            what += f" and {len(self.slots)} selected slots"
+        return (
+            f"no scale rows selected: this model has {what} and nothing routed this batch "
+            "(quantize_ routes a forward(sample, timestep, ...) by itself). For any other "
+            "forward, route each batch before the call with "
+            "tuneqdm.get_router(model).route_timesteps(timesteps, batch), or set "
+            "tuneqdm.get_router(model).rows to a (batch,) tensor of row indices "
+            "(slot * N + expert)"
+        )
 
     def _zero_rows(self, batch: int, device: torch.device) -> torch.Tensor:
         """(batch,) zeros on `device`, made once per batch size (one expert, one slot)."""

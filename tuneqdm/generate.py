@@ -72,7 +72,10 @@ def generate(
 
 
 def _prompt_slots(
-    unet, num_prompts: int, scale_sets: ScaleSet | list[ScaleSet] | None, slots
+    unet,
+    num_prompts: int,
+    scale_sets: ScaleSet | list[ScaleSet] | None,
+    slots: Sequence[int] | None,
 ) -> tuple[ScaleTable | None, list[int] | None]:
     """(the UNet's scale table or None if not quantized, each prompt's slot or None).
 
