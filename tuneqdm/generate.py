@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .model import quantized_layers
 from .scaleset import ScaleSet, install_scale_sets
 from .scaletable import ScaleTable
 
@@ -81,16 +80,20 @@ def _prompt_slots(
 
     Installs the scale sets (each distinct one once) into the table first.
     """
-    if not quantized_layers(unet):
+    try:
+        table = ScaleTable(unet)
+    except ValueError:  # a float UNet
         if scale_sets is not None or slots is not None:
-            raise ValueError(f"{'scale sets' if slots is None else 'slots'} need a quantized UNet")
+            raise ValueError(
+                f"{'scale sets' if slots is None else 'slots'} need a quantized UNet"
+            ) from None
         return None, None
     if slots is not None:
         if scale_sets is not None:
             raise ValueError("give scale_sets or slots, not both")
         if len(slots) != num_prompts:
             raise ValueError(f"{len(slots)} slots for {num_prompts} prompts: give one per prompt")
-        return ScaleTable(unet), [int(s) for s in slots]
+        return table, [int(s) for s in slots]
     if isinstance(scale_sets, ScaleSet):
         install_scale_sets(unet, [scale_sets])
     elif scale_sets is not None:
@@ -102,7 +105,7 @@ def _prompt_slots(
         distinct = list({id(s): s for s in scale_sets}.values())
         install_scale_sets(unet, distinct)
         slots = [next(i for i, d in enumerate(distinct) if d is s) for s in scale_sets]
-    return ScaleTable(unet), slots
+    return table, slots
 
 
 def _seeds(seed: int | list[int], num_prompts: int, per_prompt: int) -> list[int]:
