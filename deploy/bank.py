@@ -1,23 +1,16 @@
-"""ScaleBank: a fixed number of subjects' scale sets resident in one quantized UNet.
+"""ScaleBank: the cache policy of the subjects resident in one quantized UNet.
 
-DESIGN section 2: y = s_out * ((W_q - z) @ (s_in * x)) + b, so a subject is nothing
-but its scale rows, and which rows a sample uses is an index. The bank gives every
-quantized layer, ONCE, scale tables of `capacity * N` rows
+docs/design.md §2: y = s_out * ((W_q - z) @ (s_in * x)) + b, so a subject is nothing
+but its scale rows, and which rows a sample uses is an index. The rows themselves
+belong to tuneqdm's scale table (tuneqdm/scaletable.py): the bank has it allocate,
+ONCE, `capacity` slots of N rows in every quantized layer, and then only has it copy a
+subject's rows into a slot, in place: no table is reallocated and no base tensor
+(packed integers, zero points, biases) is touched.
 
-    scale_out (capacity * N, out)     scale_in (capacity * N, in)
-
-(slot k holds a subject's N experts in rows k*N .. k*N + N - 1, the layout of
-tuneqdm.scaleset.install_scale_sets) and then only ever copies a subject's rows into
-a slot, in place: no table is reallocated and no base tensor (packed integers, zero
-points, biases) is touched. Slots are reused least-recently-used first; the slots of
-the batch being assembled are pinned, so a batch never evicts its own subjects.
-
-`generate_slots` runs tuneqdm.generate.generate with each prompt on its bank slot:
-prompts of different subjects share one UNet batch.
-
-Proposed for tuneqdm (this module only uses its public API): `ScaleBank` as
-tuneqdm/bank.py, and a `slots=` argument of tuneqdm.generate.generate in place of
-setting `router.slots` before calling it.
+What is left here is the policy: which subject sits in which slot. Slots are reused
+least-recently-used first; the slots of the batch being assembled are pinned, so a
+batch never evicts its own subjects; Serve's cache may demote or discard a subject.
+A batch then runs with `tuneqdm.generate.generate(..., slots=...)`.
 """
 
 from __future__ import annotations
@@ -26,12 +19,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
-import torch
 from torch import nn
 
-from tuneqdm.generate import generate
-from tuneqdm.model import get_router, quantized_layers
 from tuneqdm.scaleset import ScaleSet
+from tuneqdm.scaletable import ScaleTable
 
 
 class BankFullError(RuntimeError):
@@ -50,23 +41,13 @@ class ScaleBank:
             raise ValueError(f"bank capacity {capacity!r} is invalid: must be an int >= 1")
         self.unet = unet
         self.capacity = capacity
-        self.num_experts = unet.tuneqdm_config.num_experts
-        self._layers = quantized_layers(unet)
-        if not self._layers:
-            raise ValueError("ScaleBank needs a UNet quantized with tuneqdm")
-        rows = capacity * self.num_experts
-        with torch.no_grad():
-            for layer in self._layers.values():
-                device = layer.packed.device
-                # every row starts as the base's own scales (s_out = s0, s_in = 1)
-                table_out = layer.scale0.float().to(device).expand(rows, -1).clone()
-                layer.scale_out = nn.Parameter(table_out, requires_grad=False)
-                if layer.scale_in is not None:
-                    table_in = torch.ones(rows, layer.in_features, device=device)
-                    layer.scale_in = nn.Parameter(table_in, requires_grad=False)
-        self._tables = [(name, attr, getattr(layer, attr).data)
-                        for name, layer in self._layers.items()
-                        for attr in ("scale_out", "scale_in") if getattr(layer, attr) is not None]
+        try:
+            self.table = ScaleTable(unet)
+        except ValueError:
+            raise ValueError("ScaleBank needs a UNet quantized with tuneqdm") from None
+        self.num_experts = self.table.num_experts
+        # every row starts as the base's own scales (s_out = s0, s_in = 1)
+        self.table.allocate(capacity, trainable=False)
         self._lock = threading.Lock()
         self._slots: OrderedDict[Hashable, int] = OrderedDict()  # LRU first
         self._free = list(range(capacity - 1, -1, -1))
@@ -77,11 +58,7 @@ class ScaleBank:
     @property
     def bytes_per_slot(self) -> int:
         """Bytes of one subject's rows over all layers (fp32)."""
-        return sum(
-            self.num_experts * 4 * (layer.out_features + (
-                layer.in_features if layer.scale_in is not None else 0))
-            for layer in self._layers.values()
-        )
+        return self.table.bytes_per_slot
 
     def resident(self) -> list[Hashable]:
         """Keys of the resident subjects, least recently used first."""
@@ -141,38 +118,7 @@ class ScaleBank:
                 return slot
         raise BankFullError("every slot is pinned by the current batch")  # unreachable
 
-    @torch.no_grad()
     def _write(self, slot: int, scale_set: ScaleSet) -> None:
         """Copy `scale_set`'s rows into `slot`, in place (tables keep their storage)."""
-        n = self.num_experts
-        rows = slice(slot * n, (slot + 1) * n)
-        targets, sources = [], []
-        for name, attr, table in self._tables:
-            targets.append(table[rows])  # a view: (N, channels) of the preallocated table
-            sources.append(scale_set.tensors[f"{name}.{attr}"])
-        if sources[0].device != targets[0].device:  # host copy -> GPU bank
-            sources = [t.to(targets[0].device, non_blocking=True) for t in sources]
-        # one fused call for all 2 x layers copies (one multi-tensor kernel on GPU)
-        torch._foreach_copy_(targets, sources)
+        self.table.write(slot, scale_set.tensors)
         self.writes += 1
-
-
-@torch.no_grad()
-def generate_slots(pipe, prompts: list[str], slots: list[int], seeds: list[int],
-                   **kwargs) -> list:
-    """tuneqdm.generate.generate with prompt p on bank slot slots[p] and seed seeds[p].
-
-    One image per prompt (repeat a prompt for several); kwargs: num_inference_steps,
-    guidance_scale, height, width, negative_prompt (one per prompt or None).
-    """
-    if not (len(prompts) == len(slots) == len(seeds)):
-        raise ValueError(f"{len(prompts)} prompts, {len(slots)} slots and {len(seeds)} seeds: "
-                         "give one of each per prompt")
-    router = get_router(pipe.unet)
-    router.slots = torch.tensor(slots, dtype=torch.long)  # tiled by the router for CFG
-    try:
-        # scale_sets=None: generate keeps the UNet's tables and the slots set above
-        return generate(pipe, prompts, None, seed=list(seeds), num_images_per_prompt=1,
-                        **kwargs)
-    finally:
-        router.slots = None

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .bank import ScaleBank, generate_slots
+from tuneqdm.generate import generate
+
+from .bank import ScaleBank
 from .errors import BaseNotFound, SubjectMismatch
 from .params import GenerationParams
 from .store import SubjectInfo
@@ -146,8 +148,8 @@ class Engine:
             seeds += list(request.params.seeds)
             image_slots += [slot] * n
         steps, guidance, height, width = key
-        images = generate_slots(
-            self.pipe, prompts, image_slots, seeds, num_inference_steps=steps,
+        images = generate(
+            self.pipe, prompts, seed=seeds, slots=image_slots, num_inference_steps=steps,
             guidance_scale=guidance, height=height, width=width,
             negative_prompt=negatives if any(negatives) else None)
         seconds = time.perf_counter() - start

@@ -7,7 +7,7 @@ trained from scratch on the world's training split (split.py) on CPU:
    rare subject tokens are in it but never in a training caption, so their embeddings
    keep their random initialisation: valid, untrained);
 2. VAE: an AutoencoderKL with hand-set weights that is an exact per-pixel linear
-   colour transform (no downsampling, 4 latent channels; `build_vae` says why);
+   colour transform (no downsampling, 4 latent channels; vae.py says how and why);
    its scaling_factor makes the training latents unit RMS;
 3. UNet2DConditionModel (four levels, 32 -> 4 px, cross-attention at 8x8 and 4x4) and
    CLIPTextModel trained jointly from scratch with the v-prediction loss on
@@ -40,10 +40,11 @@ import torch
 
 from .metrics import prompt_fidelity
 from .split import CaptionDropout, held_out_scenes, sample_training_scene, training_caption
+from .vae import build_vae
 from .world import IMAGE_SIZE, VOCABULARY, Scene, caption, render
 
 MAX_TOKENS = 24  # tokenizer model_max_length: the longest caption is 18 tokens
-LATENT_SIZE = IMAGE_SIZE  # the VAE does not downsample (build_vae)
+LATENT_SIZE = IMAGE_SIZE  # the VAE does not downsample (vae.py)
 REPORT_NAME = "toyworld.json"
 
 
@@ -120,76 +121,6 @@ def build_text_encoder(tokenizer):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
-
-
-# Latent channels from RGB: three orthonormal columns of the 4x4 Hadamard matrix / 2, so
-# z = COLOUR_TO_LATENT @ rgb and rgb = COLOUR_TO_LATENT.T @ z exactly.
-COLOUR_TO_LATENT = 0.5 * torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 1.0],
-                                       [1.0, 1.0, -1.0], [1.0, -1.0, -1.0]])  # (4, 3)
-_BIG = 1000.0  # the constant carried next to each signal through the GroupNorms
-_LOG_VARIANCE = -20.0  # posterior std exp(-10) ~ 4.5e-5
-
-
-def build_vae():
-    """An AutoencoderKL that is an exact per-pixel linear colour transform (factor 1).
-
-    32x32x3 images <-> 32x32x4 latents, z = COLOUR_TO_LATENT @ rgb. The weights are set,
-    not trained: every residual branch is zeroed (so resnets are identities), convs use
-    only their centre tap, and each colour channel c travels through the final
-    GroupNorm of encoder and decoder in a group [c, -c, K, -K] (K = 1000): the group
-    mean is exactly 0 and its std is K / sqrt(2) to within 5e-7 whatever the image, so
-    GroupNorm with gain K / sqrt(2) passes c through, and SiLU(c) - SiLU(-c) = c undoes
-    the SiLU after it. Round trip error is ~1e-5.
-
-    Why not a trained, downsampling VAE: small AutoencoderKLs (0.16-0.6 M parameters,
-    factor 2) trained for 10-15 CPU minutes here reconstructed only ~95% of pixels to
-    the right palette colour and lost most of the 2-px patterns (pattern score of their
-    reconstructions 0.40-0.44), which would cap subject fidelity. Factor 1 makes the
-    UNet run at 32x32 (four levels instead of three: ~1.2x the cost per step).
-    """
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16,),
-        layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",), sample_size=IMAGE_SIZE,
-        mid_block_add_attention=False,
-    )
-    gain = _BIG / math.sqrt(2.0)
-    with torch.no_grad():
-        for parameter in vae.parameters():
-            parameter.zero_()
-        for module in vae.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.weight.fill_(1.0)
-
-        def carry(conv, source: torch.Tensor) -> None:
-            """conv's output groups: [c, -c, K, -K] for c = source @ input, then K, -K, K, -K."""
-            centre = conv.kernel_size[0] // 2
-            for colour in range(3):
-                conv.weight[4 * colour, :, centre, centre] = source[colour]
-                conv.weight[4 * colour + 1, :, centre, centre] = -source[colour]
-                conv.bias[4 * colour + 2], conv.bias[4 * colour + 3] = _BIG, -_BIG
-            conv.bias[12:] = torch.tensor([_BIG, -_BIG, _BIG, -_BIG])
-
-        def emit(norm, conv, target: torch.Tensor) -> None:
-            """norm + SiLU + conv: output k = sum_c target[k, c] * c."""
-            norm.weight.zero_()
-            for colour in range(3):
-                norm.weight[4 * colour: 4 * colour + 2] = gain
-            centre = conv.kernel_size[0] // 2
-            for colour in range(3):
-                conv.weight[: len(target), 4 * colour, centre, centre] = target[:, colour]
-                conv.weight[: len(target), 4 * colour + 1, centre, centre] = -target[:, colour]
-
-        carry(vae.encoder.conv_in, torch.eye(3))
-        emit(vae.encoder.conv_norm_out, vae.encoder.conv_out, COLOUR_TO_LATENT)
-        vae.encoder.conv_out.bias[4:] = _LOG_VARIANCE
-        vae.quant_conv.weight[:, :, 0, 0] = torch.eye(8)
-        vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(4)
-        carry(vae.decoder.conv_in, COLOUR_TO_LATENT.T)
-        emit(vae.decoder.conv_norm_out, vae.decoder.conv_out, torch.eye(3))
-    return vae.eval()
 
 
 def build_unet():
@@ -369,9 +300,6 @@ def colour_accuracy(images: list[np.ndarray], prompts: list[str]) -> dict[str, f
 def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
     """Train every component from `config.seed`, save the pipeline to `out`, return
     the report (also written to out/toyworld.json)."""
-    import diffusers
-    import transformers
-
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -393,14 +321,7 @@ def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
     timings["encode_s"] = time.perf_counter() - start
     log(f"encoded {len(scenes)} images; latent scaling_factor {scaling:.4f}")
 
-    def progress(ema_unet, ema_text) -> str:
-        pipe = assemble_pipeline(ema_unet, vae, ema_text, tokenizer, scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        prompts = held_out_prompts(32, seed=2)
-        images = generate(pipe, prompts, seed=1, num_inference_steps=10,
-                          guidance_scale=config.guidance_scale)
-        return {k: round(v, 3) for k, v in colour_accuracy(images, prompts).items()}
-
+    progress = _quick_check(vae, tokenizer, scheduler, config)
     ema_unet, ema_text, losses = train_denoiser(
         unet, text_encoder, tokenizer, scheduler, means * scaling, stds * scaling, masks,
         scenes, config, rng, generator, log, progress)
@@ -410,6 +331,31 @@ def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
 
     pipe = assemble_pipeline(ema_unet, vae, ema_text, tokenizer, scheduler)
     pipe.set_progress_bar_config(disable=True)
+    accuracy = _held_out_accuracy(pipe, config, timings)
+    log(f"held-out accuracy {accuracy}")
+    pipe.save_pretrained(out, safe_serialization=True)
+    report = _report(config, pipe, timings, accuracy, losses)
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _quick_check(vae, tokenizer, scheduler, config: BaseConfig):
+    """progress(ema_unet, ema_text) for train_denoiser: colour accuracy on 32 held-out
+    prompts at 10 steps (its own seeds: it touches no training random state)."""
+
+    def progress(ema_unet, ema_text) -> dict:
+        pipe = assemble_pipeline(ema_unet, vae, ema_text, tokenizer, scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        prompts = held_out_prompts(32, seed=2)
+        images = generate(pipe, prompts, seed=1, num_inference_steps=10,
+                          guidance_scale=config.guidance_scale)
+        return {k: round(v, 3) for k, v in colour_accuracy(images, prompts).items()}
+
+    return progress
+
+
+def _held_out_accuracy(pipe, config: BaseConfig, timings: dict[str, float]) -> dict:
+    """colour_accuracy on config.eval_images held-out prompts; adds timings["eval_s"]."""
     prompts = held_out_prompts(config.eval_images)
     eval_start = time.perf_counter()
     images = generate(pipe, prompts, seed=config.seed,
@@ -417,13 +363,18 @@ def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
                       guidance_scale=config.guidance_scale)
     accuracy = colour_accuracy(images, prompts)
     timings["eval_s"] = time.perf_counter() - eval_start
-    log(f"held-out accuracy {accuracy}")
+    return accuracy
 
-    pipe.save_pretrained(out, safe_serialization=True)
-    parameters = {name: sum(p.numel() for p in module.parameters())
-                  for name, module in (("unet", ema_unet), ("vae", vae),
-                                       ("text_encoder", ema_text))}
-    report = {
+
+def _report(config: BaseConfig, pipe, timings: dict[str, float], accuracy: dict,
+            losses: list[float]) -> dict:
+    """The toyworld.json report: settings, sizes, timings, accuracy, loss, versions."""
+    import diffusers
+    import transformers
+
+    parameters = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+                  for name in ("unet", "vae", "text_encoder")}
+    return {
         "config": asdict(config),
         "parameters": parameters,
         "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -432,5 +383,3 @@ def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    return report

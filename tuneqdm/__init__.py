@@ -8,6 +8,7 @@ from .config import QuantConfig
 from .experts import ScaleRouter, expert_index
 from .layers import QuantConv2d, QuantizedLayer, QuantLinear
 from .model import enable_timestep_experts, get_router, quantize_, quantized_layers
+from .scaletable import ScaleTable
 
 __all__ = [
     "QuantConfig",
@@ -15,6 +16,7 @@ __all__ = [
     "QuantLinear",
     "QuantizedLayer",
     "ScaleRouter",
+    "ScaleTable",
     "enable_timestep_experts",
     "expert_index",
     "get_router",

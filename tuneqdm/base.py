@@ -1,6 +1,6 @@
 """The quantized base: quantize a diffusers pipeline's UNet once, save it, load it.
 
-Layout of a quantized base folder (DESIGN section 4):
+Layout of a quantized base folder (docs/design.md §4):
 
     model_index.json, tokenizer/, text_encoder/, vae/, scheduler/   float, diffusers layout
     unet/config.json                 the UNet's diffusers config
@@ -29,7 +29,6 @@ from .config import QuantConfig
 from .model import (
     FilterFn,
     build_quantized_skeleton,
-    enable_timestep_experts,
     quantize_,
     quantized_layers,
     reset_scales,
@@ -197,8 +196,7 @@ def load_quantized_unet(
     if still_meta:
         raise BaseModelError(f"{path}: tensors left unloaded: {still_meta[:3]}")
     unet.tuneqdm_base_fingerprint = info["fingerprint"]
-    unet.eval()
-    enable_timestep_experts(unet)
+    unet.eval()  # experts follow the timestep: build_quantized_skeleton routes them
     return unet
 
 

@@ -10,9 +10,15 @@ sample of the current batch uses:
 `attach_timestep_router` sets the rows from the timestep argument of every forward of
 a model called as model(sample, timestep, ...) (a diffusers UNet), so experts follow
 the scheduler's t with no change to the sampling loop, for int and float t alike.
+`tuneqdm.quantize_` attaches it by itself to every model whose forward has that
+signature (`takes_timestep`). The rows are computed once per model forward, on the
+device of its input; the slots of a batch are chosen with ScaleTable.select
+(scaletable.py).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -55,13 +61,31 @@ class ScaleRouter:
         self.num_experts = num_experts
         self.num_train_timesteps = num_train_timesteps
         self.slots: torch.Tensor | None = None
-        self.rows: torch.Tensor | None = None
+        self.rows = None
+        self._zeros: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def route_timesteps(self, timesteps: torch.Tensor | float | int, batch: int) -> None:
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """(B,) int64 rows of the current forward (slot * N + expert), or None."""
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: torch.Tensor | None) -> None:
+        self._rows = rows
+        self._rows_on: dict[torch.device, torch.Tensor] = {}  # copies for other devices
+
+    def route_timesteps(
+        self,
+        timesteps: torch.Tensor | float | int,
+        batch: int,
+        device: torch.device | str | None = None,
+    ) -> None:
         """Set rows for a batch of `batch` samples at `timesteps` (scalar or (batch,)).
 
         With slots of length P and batch = k * P (classifier-free guidance stacks the
-        unconditional and conditional halves), the slots are tiled k times.
+        unconditional and conditional halves), the slots are tiled k times. The rows
+        are made on `device` (default: the timesteps' device), the layers' device, so
+        no layer copies them.
         """
         experts = expert_index(timesteps, self.num_experts, self.num_train_timesteps)
         experts = experts.reshape(-1).expand(batch) if experts.numel() == 1 else experts
@@ -69,39 +93,91 @@ class ScaleRouter:
             raise ValueError(
                 f"timesteps of shape {tuple(experts.shape)} do not match a batch of {batch}"
             )
-        slots = torch.zeros(batch, dtype=torch.long)
-        if self.slots is not None:
-            if batch % len(self.slots):
-                raise ValueError(
-                    f"batch of {batch} samples is not a multiple of the {len(self.slots)} slots"
-                )
-            slots = self.slots.repeat(batch // len(self.slots))
-        self.rows = slots.to(experts.device) * self.num_experts + experts
+        device = experts.device if device is None else torch.device(device)
+        if self.slots is None:
+            self.rows = experts.to(device).contiguous()
+            return
+        if batch % len(self.slots):
+            raise ValueError(
+                f"batch of {batch} samples is not a multiple of the {len(self.slots)} slots"
+            )
+        slots = self.slots.to(device).repeat(batch // len(self.slots))
+        self.rows = slots * self.num_experts + experts.to(device)
 
     def rows_for(self, batch: int, device: torch.device) -> torch.Tensor:
-        """(batch,) rows for a layer whose input has `batch` samples."""
-        if self.rows is None:
+        """(batch,) rows for a layer whose input has `batch` samples, on `device`.
+
+        No copy when the rows are on `device` already (route_timesteps made them
+        there); otherwise one copy per device and forward, shared by all layers.
+        """
+        if self._rows is None:
             if self.num_experts == 1 and self.slots is None:
-                return torch.zeros(batch, dtype=torch.long, device=device)
+                return self._zero_rows(batch, torch.device(device))
+            raise RuntimeError(self._unrouted_message())
+        if self._rows.numel() != batch:
             raise RuntimeError(
-                "no scale rows selected: call the model through attach_timestep_router "
-                "or set router.rows (one row index per sample)"
+                f"router holds {self._rows.numel()} rows but the layer input has {batch} samples"
             )
-        if self.rows.numel() != batch:
-            raise RuntimeError(
-                f"router holds {self.rows.numel()} rows but the layer input has {batch} samples"
-            )
-        return self.rows.to(device)
+        if self._rows.device == device:
+            return self._rows
+        rows = self._rows_on.get(device)
+        if rows is None:
+            rows = self._rows_on[device] = self._rows.to(device)
+        return rows
+
+    def _unrouted_message(self) -> str:
+        what = f"{self.num_experts} timestep experts"
+        if self.slots is not None:
+            what += f" and {len(self.slots)} selected slots"
+        return (
+            f"no scale rows selected: this model has {what} and nothing routed this batch "
+            "(quantize_ routes a forward(sample, timestep, ...) by itself). For any other "
+            "forward, route each batch before the call with "
+            "tuneqdm.get_router(model).route_timesteps(timesteps, batch), or set "
+            "tuneqdm.get_router(model).rows to a (batch,) tensor of row indices "
+            "(slot * N + expert)"
+        )
+
+    def _zero_rows(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(batch,) zeros on `device`, made once per batch size (one expert, one slot)."""
+        key = (batch, device)
+        if key not in self._zeros:
+            self._zeros[key] = torch.zeros(batch, dtype=torch.long, device=device)
+        return self._zeros[key]
+
+
+def takes_timestep(model: nn.Module) -> bool:
+    """Whether model's forward is forward(sample, timestep, ...) (diffusers' models)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C-implemented forward
+        return False
+    positional = [
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) >= 2 and positional[1] == "timestep"
 
 
 def attach_timestep_router(model: nn.Module, router: ScaleRouter) -> None:
-    """Route rows from model(sample, timestep, ...) on every forward (a pre-hook)."""
+    """Route rows from model(sample, timestep, ...) on every forward (a pre-hook).
+
+    Idempotent: attaching again replaces the hook. The hook finds the router on the
+    module it is called for, so a deep copy of the model routes its own router.
+    """
     if getattr(model, "_tuneqdm_timestep_hook", None) is not None:
         model._tuneqdm_timestep_hook.remove()
+    model._tuneqdm_timestep_router = router
+    model._tuneqdm_timestep_hook = model.register_forward_pre_hook(
+        _route_from_timestep, with_kwargs=True
+    )
 
-    def hook(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        router.route_timesteps(timestep, sample.shape[0])
 
-    model._tuneqdm_timestep_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+def _route_from_timestep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: rows of the batch from the call's sample and timestep."""
+    # every argument by keyword: the sample is forward's first parameter
+    first = next(iter(inspect.signature(module.forward).parameters)) if not args else None
+    sample = args[0] if args else kwargs[first]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    module._tuneqdm_timestep_router.route_timesteps(timestep, sample.shape[0], sample.device)

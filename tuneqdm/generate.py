@@ -3,17 +3,21 @@
 A diffusers StableDiffusionPipeline runs unchanged: its UNet's forward pre-hook
 (experts.py) picks each sample's expert from the scheduler's t (int or float, so
 DDIM, PNDM, Euler and DPM-Solver all work) and its scale set's slot. Prompts for
-several subjects run as ONE batch: their scale sets are stacked into the layers'
-scale tables and each prompt's samples use their own slot.
+several subjects run as ONE batch: their scale sets are written into the layers'
+scale tables (scaletable.py), one slot each, or already sit there (a serving bank
+passes `slots=`), and each prompt's samples use their own slot.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
+
 import torch
 from PIL import Image
 
-from .model import get_router, quantized_layers
 from .scaleset import ScaleSet, install_scale_sets
+from .scaletable import ScaleTable
 
 
 @torch.no_grad()
@@ -28,6 +32,7 @@ def generate(
     width: int | None = None,
     negative_prompt: str | list[str] | None = None,
     num_images_per_prompt: int = 1,
+    slots: Sequence[int] | None = None,
 ) -> list[Image.Image]:
     """Generate images, num_images_per_prompt per prompt, in prompt order.
 
@@ -36,31 +41,21 @@ def generate(
     seed: one seed (prompt p, image j uses seed + p * num_images_per_prompt + j) or
         one seed per prompt (image j uses seed_p + j), so a prompt's images do not
         depend on what else is in the batch.
+    slots: instead of scale_sets, the scale-table slot of each prompt (one per
+        prompt) in a UNet whose tables hold them already (ScaleTable.write).
     """
     prompts = list(prompts)
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     per_prompt_seeds = _seeds(seed, len(prompts), num_images_per_prompt)
-    quantized = bool(quantized_layers(pipe.unet))
-    if scale_sets is not None and not quantized:
-        raise ValueError("scale sets need a quantized UNet")
-    router = get_router(pipe.unet) if quantized else None
-    if isinstance(scale_sets, ScaleSet):
-        install_scale_sets(pipe.unet, [scale_sets])
-    elif scale_sets is not None:
-        if len(scale_sets) != len(prompts):
-            raise ValueError(
-                f"{len(scale_sets)} scale sets for {len(prompts)} prompts: give "
-                "one set, or one per prompt"
-            )
-        distinct = list({id(s): s for s in scale_sets}.values())
-        install_scale_sets(pipe.unet, distinct)
-        slots = [next(i for i, d in enumerate(distinct) if d is s) for s in scale_sets]
-        router.slots = torch.tensor(slots).repeat_interleave(num_images_per_prompt)
+    table, prompt_slots = _prompt_slots(pipe.unet, len(prompts), scale_sets, slots)
+    image_slots = None
+    if prompt_slots is not None:
+        image_slots = torch.tensor(prompt_slots).repeat_interleave(num_images_per_prompt)
     device = pipe._execution_device
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in per_prompt_seeds]
-    try:
-        latents = _initial_latents(pipe, generators, height, width, device)
+    latents = _initial_latents(pipe, generators, height, width, device)
+    with table.select(image_slots) if table is not None else contextlib.nullcontext():
         output = pipe(
             prompt=prompts,
             negative_prompt=negative_prompt,
@@ -72,10 +67,45 @@ def generate(
             latents=latents,
             output_type="pil",
         )
-    finally:
-        if router is not None:
-            router.slots = None
     return output.images
+
+
+def _prompt_slots(
+    unet,
+    num_prompts: int,
+    scale_sets: ScaleSet | list[ScaleSet] | None,
+    slots: Sequence[int] | None,
+) -> tuple[ScaleTable | None, list[int] | None]:
+    """(the UNet's scale table or None if not quantized, each prompt's slot or None).
+
+    Installs the scale sets (each distinct one once) into the table first.
+    """
+    try:
+        table = ScaleTable(unet)
+    except ValueError:  # a float UNet
+        if scale_sets is not None or slots is not None:
+            raise ValueError(
+                f"{'scale sets' if slots is None else 'slots'} need a quantized UNet"
+            ) from None
+        return None, None
+    if slots is not None:
+        if scale_sets is not None:
+            raise ValueError("give scale_sets or slots, not both")
+        if len(slots) != num_prompts:
+            raise ValueError(f"{len(slots)} slots for {num_prompts} prompts: give one per prompt")
+        return table, [int(s) for s in slots]
+    if isinstance(scale_sets, ScaleSet):
+        install_scale_sets(unet, [scale_sets])
+    elif scale_sets is not None:
+        if len(scale_sets) != num_prompts:
+            raise ValueError(
+                f"{len(scale_sets)} scale sets for {num_prompts} prompts: give "
+                "one set, or one per prompt"
+            )
+        distinct = list({id(s): s for s in scale_sets}.values())
+        install_scale_sets(unet, distinct)
+        slots = [next(i for i, d in enumerate(distinct) if d is s) for s in scale_sets]
+    return table, slots
 
 
 def _seeds(seed: int | list[int], num_prompts: int, per_prompt: int) -> list[int]:

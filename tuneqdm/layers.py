@@ -7,8 +7,9 @@ float bias) and trainable fp32 parameters:
     scale_in  (R, in)    initialised to 1            (TuneQDM only; None for PEQA)
 
 R is the number of scale rows: N experts when training, slots * N when serving
-several subjects. Its effective weight for row r is
-W_r = scale_out[r][:, None] * (W_q - z) * scale_in[r][None, :] (DESIGN section 1);
+several subjects; the tables are owned by scaletable.py (allocation, initialisation,
+slot writes, per-sample rows). Its effective weight for row r is
+W_r = scale_out[r][:, None] * (W_q - z) * scale_in[r][None, :] (docs/design.md §1);
 the forward never builds it (functional.py).
 """
 
@@ -21,13 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .experts import ScaleRouter
 from .functional import ConvGeometry, PackedWeight, ScaledQuantConv2d, ScaledQuantLinear
 from .quant import pack_int, packed_nbytes, quantize_weight, unpack_int
+from .scaletable import ScaleRows
 
 
-class QuantizedLayer(nn.Module):
-    """Shared state of quantized layers; subclasses define the kernel call."""
+class QuantizedLayer(ScaleRows):
+    """Shared state of quantized layers; subclasses define the kernel call.
+
+    The scale tables and their per-sample rows come from ScaleRows (scaletable.py).
+    """
 
     in_features: int
     out_features: int
@@ -46,12 +50,8 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("zero", torch.zeros(out))
         self.register_buffer("scale0", torch.ones(out))
         self.register_buffer("bias", torch.zeros(out) if has_bias else None)
-        rows = config.num_experts
-        self.scale_out = nn.Parameter(torch.ones(rows, out))
-        self.scale_in = (
-            nn.Parameter(torch.ones(rows, scale_in_size)) if config.train_scale_in else None
-        )
-        self.router: ScaleRouter | None = None
+        scale_in = scale_in_size if config.train_scale_in else None
+        self._init_scale_rows(config.num_experts, out, scale_in)
         self._qmin = config.qmin
 
     # -- construction ---------------------------------------------------------------
@@ -66,13 +66,6 @@ class QuantizedLayer(nn.Module):
         if bias is not None:
             self.bias = bias.detach().to(torch.float32).clone()
         self.reset_scales()
-
-    @torch.no_grad()
-    def reset_scales(self) -> None:
-        """scale_out <- s0 in every row, scale_in <- 1 (the paper's initialisation)."""
-        self.scale_out.copy_(self.scale0.expand_as(self.scale_out))
-        if self.scale_in is not None:
-            self.scale_in.fill_(1.0)
 
     # -- views ------------------------------------------------------------------------
 
@@ -104,16 +97,6 @@ class QuantizedLayer(nn.Module):
 
     def _packed_weight(self) -> PackedWeight:
         return PackedWeight(self.packed, self.bits, self.weight_shape, self.zero - self._qmin)
-
-    def _scales(self, batch: int, device: torch.device):
-        """Per-sample scales: ((B, in) or None, (B, out)) gathered from the rows."""
-        router = self.router
-        if router is None:
-            rows = torch.zeros(batch, dtype=torch.long, device=device)
-        else:
-            rows = router.rows_for(batch, device)
-        scale_in = None if self.scale_in is None else self.scale_in[rows]
-        return scale_in, self.scale_out[rows]
 
 
 class QuantLinear(QuantizedLayer):

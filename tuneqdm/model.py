@@ -2,7 +2,11 @@
 
 `quantize_(module, config, filter_fn)` follows torchao's `quantize_`: one call on any
 torch module, a frozen config, an optional filter; nothing here is UNet-specific.
-All quantized layers of one model share one `ScaleRouter` (experts.py).
+All quantized layers of one model share one `ScaleRouter` (experts.py). The module
+stays callable as before: a forward(sample, timestep, ...) (a diffusers UNet) routes
+each sample to its timestep expert by itself, and with one expert any module needs no
+routing; other modules with N > 1 experts route with tuneqdm.get_router(module).
+The scale tables themselves belong to scaletable.py.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .experts import ScaleRouter, attach_timestep_router
+from .experts import ScaleRouter, attach_timestep_router, takes_timestep
 from .layers import QuantConv2d, QuantizedLayer, QuantLinear
+from .scaletable import ScaleTable
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -25,7 +30,9 @@ def quantize_(
     """Replace every nn.Linear and nn.Conv2d of `module` (that `filter_fn(layer, name)`
     accepts) by a quantized layer; freeze every other parameter. Returns `module`.
 
-    The float weights of replaced layers are released as they are quantized.
+    The float weights of replaced layers are released as they are quantized. If
+    module's forward is forward(sample, timestep, ...), each sample's timestep picks
+    its expert on every call (enable_timestep_experts is then already done).
     """
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         raise TypeError("quantize_ replaces children: wrap a lone layer in nn.Sequential")
@@ -81,7 +88,8 @@ def build_quantized_skeleton(
 
 
 def _freeze_and_route(module: nn.Module, config: QuantConfig) -> nn.Module:
-    """Freeze everything but the scales; give all quantized layers one shared router."""
+    """Freeze everything but the scales; give all quantized layers one shared router,
+    routed from the timestep when module's forward takes (sample, timestep, ...)."""
     for param in module.parameters():
         param.requires_grad_(False)
     router = ScaleRouter(config.num_experts, config.num_train_timesteps)
@@ -92,6 +100,8 @@ def _freeze_and_route(module: nn.Module, config: QuantConfig) -> nn.Module:
                 param.requires_grad_(True)
     module.tuneqdm_config = config
     module.tuneqdm_router = router
+    if takes_timestep(module):
+        attach_timestep_router(module, router)
     return module
 
 
@@ -109,7 +119,11 @@ def scale_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
 
 
 def enable_timestep_experts(unet: nn.Module) -> ScaleRouter:
-    """Make experts follow the timestep argument of unet(sample, timestep, ...)."""
+    """Make experts follow the timestep argument of unet(sample, timestep, ...).
+
+    quantize_ and the base loaders do this already for such a forward; calling it again
+    is harmless (the hook is replaced, not doubled).
+    """
     router = get_router(unet)
     attach_timestep_router(unet, router)
     return router
@@ -128,21 +142,10 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child_name, new)
 
 
-@torch.no_grad()
 def reset_scales(module: nn.Module) -> None:
-    """Give every quantized layer fresh trainable (N, ...) scales: s_out <- s0, s_in <- 1.
+    """Give every quantized layer trainable (N, ...) scales: s_out <- s0, s_in <- 1.
 
-    Also undoes a multi-subject table (install_scale_sets) and materialises scales of
-    a model built on the meta device.
+    Also undoes a multi-subject table (install_scale_sets, a serving bank) and
+    materialises scales of a model built on the meta device (ScaleTable.allocate).
     """
-    config: QuantConfig = module.tuneqdm_config
-    for layer in quantized_layers(module).values():
-        for attr, size in (("scale_out", layer.out_features), ("scale_in", layer.in_features)):
-            param = getattr(layer, attr)
-            if param is None:
-                continue
-            if param.is_meta or param.shape[0] != config.num_experts or not param.requires_grad:
-                fresh = torch.empty(config.num_experts, size, device=layer.packed.device)
-                setattr(layer, attr, nn.Parameter(fresh))
-        layer.reset_scales()
-    get_router(module).slots = None
+    ScaleTable(module).allocate(slots=1, trainable=True)

@@ -1,6 +1,6 @@
 """Scale sets: one subject's (or one jointly trained group's) trained scales.
 
-The artefact of DESIGN section 4: `scales.safetensors` holding, per quantized layer,
+The artefact of docs/design.md §4: `scales.safetensors` holding, per quantized layer,
 
     "<layer>.scale_out"  (N, out)     "<layer>.scale_in"  (N, in)   (TuneQDM only)
 
@@ -8,7 +8,8 @@ in fp32 or fp16, with safetensors metadata (all strings): format_version, method
 num_experts, num_train_timesteps, base_fingerprint, subjects (JSON list of
 {subject_id, token, class_noun}), training (JSON), final_loss. Never pickled; loading
 refuses pickles, unknown versions, and sets whose fingerprint or shapes do not match
-the base they are applied to.
+the base they are applied to. Sets reach a model's scale tables through
+scaletable.ScaleTable (one slot per set).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from .model import get_router, quantized_layers
+from .scaletable import ScaleTable
 from .st_io import save_bytes
 
 FORMAT_VERSION = "1"
@@ -54,14 +55,9 @@ class ScaleSet:
 
     @classmethod
     def from_model(cls, unet: nn.Module, **metadata: Any) -> ScaleSet:
-        """Copy the current scale parameters (rows 0..N-1) of a quantized model."""
+        """Copy the current scale parameters (rows 0..N-1, slot 0) of a quantized model."""
         config = unet.tuneqdm_config
-        tensors: dict[str, torch.Tensor] = {}
-        for name, layer in quantized_layers(unet).items():
-            tensors[f"{name}.scale_out"] = layer.scale_out.detach()[: config.num_experts].float()
-            if layer.scale_in is not None:
-                tensors[f"{name}.scale_in"] = layer.scale_in.detach()[: config.num_experts].float()
-        tensors = {k: v.cpu().clone().contiguous() for k, v in tensors.items()}
+        tensors = ScaleTable(unet).read(slot=0)
         metadata.setdefault("base_fingerprint", base_fingerprint_of(unet))
         return cls(
             tensors=tensors,
@@ -182,13 +178,7 @@ class ScaleSet:
 
 def expected_shapes(unet: nn.Module) -> dict[str, tuple[int, int]]:
     """Tensor name -> (N, channels) that a scale set for `unet` must hold."""
-    n = unet.tuneqdm_config.num_experts
-    shapes = {}
-    for name, layer in quantized_layers(unet).items():
-        shapes[f"{name}.scale_out"] = (n, layer.out_features)
-        if layer.scale_in is not None:
-            shapes[f"{name}.scale_in"] = (n, layer.in_features)
-    return shapes
+    return ScaleTable(unet).slot_shapes()
 
 
 def base_fingerprint_of(unet: nn.Module) -> str:
@@ -202,7 +192,6 @@ def base_fingerprint_of(unet: nn.Module) -> str:
     return fingerprint
 
 
-@torch.no_grad()
 def install_scale_sets(unet: nn.Module, scale_sets: list[ScaleSet]) -> None:
     """Make each layer's scale table the rows of `scale_sets`, one block of N per set.
 
@@ -213,20 +202,15 @@ def install_scale_sets(unet: nn.Module, scale_sets: list[ScaleSet]) -> None:
         raise ScaleSetError("install_scale_sets needs at least one scale set")
     for scale_set in scale_sets:
         scale_set.check_fits(unet)
-    trainable = len(scale_sets) == 1
-    for name, layer in quantized_layers(unet).items():
-        device = layer.packed.device
-        for attr in ("scale_out", "scale_in"):
-            if getattr(layer, attr) is None:
-                continue
-            table = torch.cat([s.tensors[f"{name}.{attr}"] for s in scale_sets]).to(device)
-            setattr(layer, attr, nn.Parameter(table, requires_grad=trainable))
+    table = ScaleTable(unet)
+    table.allocate(len(scale_sets), trainable=len(scale_sets) == 1)
+    for slot, scale_set in enumerate(scale_sets):
+        table.write(slot, scale_set.tensors)
 
 
 def apply_scale_set(unet: nn.Module, scale_set: ScaleSet) -> None:
     """Load one subject's scales into a quantized UNet (checks fit first)."""
     install_scale_sets(unet, [scale_set])
-    get_router(unet).slots = None
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

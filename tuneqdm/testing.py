@@ -92,50 +92,18 @@ def tiny_components(
     The VAE downsamples by 2 per extra block, so 16 px images give 8 px latents with
     the default two VAE blocks.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTokenizer
 
     if tokenizer_dir is None:
         raise ValueError("tiny_components needs tokenizer_dir (see write_clip_tokenizer_files)")
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    levels = len(block_out_channels)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=block_out_channels,
-        layers_per_block=1,
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=(2, 4, 8, 8)[: len(block_out_channels)],
-        norm_num_groups=min(32, block_out_channels[0]),
-    )
+    unet = _tiny_unet(block_out_channels, cross_attention_dim, sample_size)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=sample_size * 2,
-    )
+    vae = _tiny_vae(sample_size)
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=cross_attention_dim,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-    )
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = _tiny_text_encoder(tokenizer, cross_attention_dim)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -154,6 +122,59 @@ def tiny_components(
         "feature_extractor": None,
         "image_encoder": None,
     }
+
+
+def _tiny_unet(block_out_channels: tuple[int, ...], cross_attention_dim: int, sample_size: int):
+    """A UNet2DConditionModel with one resnet per level, cross-attention below the top."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(block_out_channels)
+    return UNet2DConditionModel(
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4, 8, 8)[: len(block_out_channels)],
+        norm_num_groups=min(32, block_out_channels[0]),
+    )
+
+
+def _tiny_vae(sample_size: int):
+    """A two-block AutoencoderKL: (B, 3, 2s, 2s) images <-> (B, 4, s, s) latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=sample_size * 2,
+    )
+
+
+def _tiny_text_encoder(tokenizer, hidden_size: int):
+    """A two-layer CLIPTextModel over `tokenizer`'s vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+    )
+    return CLIPTextModel(text_config)
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0, **kwargs) -> Path:

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from toyworld.embeddings import ClipScorer, DinoScorer
 from toyworld.metrics import (
-    ClipScorer,
-    DinoScorer,
     analyse,
     classify_shape,
     prompt_fidelity,

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from toyworld.base import (
-    COLOUR_TO_LATENT,
     REPORT_NAME,
     BaseConfig,
     build_text_encoder,
@@ -22,6 +21,7 @@ from toyworld.base import (
     images_to_tensor,
     train_base,
 )
+from toyworld.vae import COLOUR_TO_LATENT
 from toyworld.world import IMAGE_SIZE, RARE_TOKENS, VOCABULARY, render, sample_scene
 
 ROOT = Path(__file__).resolve().parents[2]
