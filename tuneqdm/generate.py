@@ -14,6 +14,7 @@ from PIL import Image
 
 from .model import get_router, quantized_layers
 from .scaleset import ScaleSet, install_scale_sets
+from .schedulers import use_scheduler
 
 
 @torch.no_grad()
@@ -28,6 +29,7 @@ def generate(
     width: int | None = None,
     negative_prompt: str | list[str] | None = None,
     num_images_per_prompt: int = 1,
+    scheduler: str | None = None,
 ) -> list[Image.Image]:
     """Generate images, num_images_per_prompt per prompt, in prompt order.
 
@@ -36,6 +38,8 @@ def generate(
     seed: one seed (prompt p, image j uses seed + p * num_images_per_prompt + j) or
         one seed per prompt (image j uses seed_p + j), so a prompt's images do not
         depend on what else is in the batch.
+    scheduler: sample with this scheduler (tuneqdm.schedulers: ddim, pndm, euler,
+        dpm-solver), built from the pipeline's scheduler config; None: the pipeline's.
     """
     prompts = list(prompts)
     if not prompts:
@@ -61,17 +65,18 @@ def generate(
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in per_prompt_seeds]
     try:
         latents = _initial_latents(pipe, generators, height, width, device)
-        output = pipe(
-            prompt=prompts,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            num_images_per_prompt=num_images_per_prompt,
-            latents=latents,
-            output_type="pil",
-        )
+        with use_scheduler(pipe, scheduler):
+            output = pipe(
+                prompt=prompts,
+                negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                num_images_per_prompt=num_images_per_prompt,
+                latents=latents,
+                output_type="pil",
+            )
     finally:
         if router is not None:
             router.slots = None
