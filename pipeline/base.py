@@ -94,21 +94,9 @@ def quantize_into_storage(storage: Storage, address: str, source: str,
         local = Path(tmp) / "base"
         info = quantize_pipeline(source, local, QuantConfig.from_dict(quant_config),
                                  revision=revision)
-        storage.remove(rel, recursive=True)  # a partial base from a crashed run
-        if storage.remote:
-            storage.upload_dir(local, rel)
-        else:
-            staging = storage.local_path(f"{BASES_DIR}/.staging-{uuid.uuid4().hex[:12]}")
-            staging.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(local, staging)
-            try:
-                os.replace(staging, storage.local_path(rel))
-            except OSError:  # another submit finished the same base first
-                shutil.rmtree(staging, ignore_errors=True)
-                existing = read_done(storage, address)
-                if existing is not None:
-                    return existing
-                raise
+        existing = publish_base(storage, address, local)
+        if existing is not None:
+            return existing
     done = {
         "address": address,
         "fingerprint": info["fingerprint"],
@@ -121,6 +109,29 @@ def quantize_into_storage(storage: Storage, address: str, source: str,
     }
     storage.write_json(f"{rel}/{DONE}", done)
     return done
+
+
+def publish_base(storage: Storage, address: str, local: Path) -> dict[str, Any] | None:
+    """Put the base folder `local` under bases/<address>/ (its done.json is the
+    caller's to write, last). Returns the done.json of a complete base that another
+    writer put there first (then `local` is not used), else None."""
+    rel = base_rel(address)
+    storage.remove(rel, recursive=True)  # a partial base from a crashed run
+    if storage.remote:
+        storage.upload_dir(local, rel)
+        return None
+    staging = storage.local_path(f"{BASES_DIR}/.staging-{uuid.uuid4().hex[:12]}")
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(local, staging)
+    try:
+        os.replace(staging, storage.local_path(rel))
+    except OSError:  # another submit finished the same base first
+        shutil.rmtree(staging, ignore_errors=True)
+        existing = read_done(storage, address)
+        if existing is not None:
+            return existing
+        raise
+    return None
 
 
 def quantize_task():

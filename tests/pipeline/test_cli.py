@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from pipeline_testkit import copy_photos, write_csv
 
 from pipeline.artifacts import write_subject
-from pipeline.cli import main
 from pipeline.manifest import Job, SubjectSpec
 from pipeline.progress import ProgressDisplay
 from pipeline.storage import Storage
 from pipeline.summary import format_table, row, write_summary
+from tuneqdm_cli.main import main
 
 
 @pytest.fixture
