@@ -1,6 +1,6 @@
 """The quantized base in storage: content address, the quantize task, local copies.
 
-A quantized base is written once per content address (DESIGN section 3, step 2):
+A quantized base is written once per content address (docs/design.md §3, step 2):
 
     address = sha256(source model id or absolute path, revision, QuantConfig,
                      base format version, and for a local folder its file list)
