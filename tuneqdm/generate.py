@@ -38,8 +38,8 @@ def generate(
     seed: one seed (prompt p, image j uses seed + p * num_images_per_prompt + j) or
         one seed per prompt (image j uses seed_p + j), so a prompt's images do not
         depend on what else is in the batch.
-    scheduler: sample with this scheduler (tuneqdm.schedulers: ddim, pndm, euler,
-        dpm-solver), built from the pipeline's scheduler config; None: the pipeline's.
+    scheduler: a sampler by name for this call (tuneqdm.schedulers), built from the
+        pipeline's scheduler config; None: the pipeline's own.
     """
     prompts = list(prompts)
     if not prompts:
@@ -65,18 +65,11 @@ def generate(
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in per_prompt_seeds]
     try:
         latents = _initial_latents(pipe, generators, height, width, device)
-        with use_scheduler(pipe, scheduler):
-            output = pipe(
-                prompt=prompts,
-                negative_prompt=negative_prompt,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-                num_images_per_prompt=num_images_per_prompt,
-                latents=latents,
-                output_type="pil",
-            )
+        with use_scheduler(pipe, scheduler):  # the pipeline's own when None
+            output = pipe(prompt=prompts, negative_prompt=negative_prompt,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+                          latents=latents, output_type="pil")
     finally:
         if router is not None:
             router.slots = None
