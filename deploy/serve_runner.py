@@ -28,8 +28,9 @@ from .store import SubjectStore, check_subject_id
 
 Say = Callable[[str], None]
 # `generate` runs for one script, not for the public: wider bounds than the service's
+# (also the ranges of its command-line options)
 GENERATE_LIMITS = Limits(max_steps=1000, max_side=4096, max_images=64,
-                         max_prompt_chars=10_000, max_guidance=100.0)
+                         max_prompt_chars=10_000, max_guidance=100)
 
 
 class OutputNotFound(ValueError):

@@ -46,9 +46,12 @@ address_option = click.option(
 
 def default_of(target: str, name: str) -> Any:
     """The declared default of `name` in `target` ("package.module:Object"): a dataclass
-    field, a pydantic model field, or a keyword parameter of a function or class."""
+    field, a pydantic model field, a keyword parameter of a function, or the attribute
+    of a config instance (e.g. a module's Limits(...) constant)."""
     module, _, attribute = target.partition(":")
     owner = getattr(importlib.import_module(module), attribute)
+    if dataclasses.is_dataclass(owner) and not isinstance(owner, type):
+        return getattr(owner, name)
     if dataclasses.is_dataclass(owner):
         (field,) = [f for f in dataclasses.fields(owner) if f.name == name]
         return field.default

@@ -14,6 +14,7 @@ import click
 
 from deploy.errors import BaseNotFound, InvalidRequest, ServeError
 from deploy.serve_runner import (
+    GENERATE_LIMITS,
     OutputNotFound,
     ResourceShortage,
     ServeRunner,
@@ -33,7 +34,7 @@ from .options import address_option, config_option, given, storage_option
 SETTINGS = "deploy.settings:ServeSettings"
 LIMITS = "deploy.params:Limits"
 GENERATE = "deploy.serve_runner:generate_to_files"
-GENERATE_LIMITS = "deploy.serve_runner:GENERATE_LIMITS"
+BOUNDS = "deploy.serve_runner:GENERATE_LIMITS"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SHORTAGE_HINT = ("lower --replicas / --num-cpus-per-replica / --num-gpus-per-replica (or "
                  "raise --num-cpus)")
@@ -190,17 +191,19 @@ def _first_error(err: Exception) -> str:
 @click.option("-o", "--out", "out_path", default="out.png", show_default=True,
               type=click.Path(dir_okay=False, writable=True),
               help="PNG to write; with --num-images N: NAME-0.png .. NAME-(N-1).png.")
-@config_option("--steps", "num_inference_steps", type=click.IntRange(1, 1000),
-               source=GENERATE_LIMITS, name="default_steps")
-@config_option("--guidance-scale", type=click.FloatRange(0, 100), source=GENERATE_LIMITS,
-               name="default_guidance")
+@config_option("--steps", "num_inference_steps",
+               type=click.IntRange(1, GENERATE_LIMITS.max_steps), source=BOUNDS,
+               name="default_steps")
+@config_option("--guidance-scale", type=click.FloatRange(0, GENERATE_LIMITS.max_guidance),
+               source=BOUNDS, name="default_guidance")
 @config_option("--seed", type=click.IntRange(0, 2**53 - 1), source=GENERATE,
                help="Image j uses seed + j (the same images as the service's).")
-@click.option("--height", type=click.IntRange(8, 4096), default=None,
+@click.option("--height", type=click.IntRange(8, GENERATE_LIMITS.max_side), default=None,
               help="Pixels, a multiple of 8 (default: the base's size).")
-@click.option("--width", type=click.IntRange(8, 4096), default=None)
+@click.option("--width", type=click.IntRange(8, GENERATE_LIMITS.max_side), default=None)
 @click.option("--negative-prompt", default=None)
-@config_option("--num-images", type=click.IntRange(1, 64), source=GENERATE)
+@config_option("--num-images", type=click.IntRange(1, GENERATE_LIMITS.max_images),
+               source=GENERATE)
 @base_option
 @storage_option
 @config_option("--device", source=GENERATE)
