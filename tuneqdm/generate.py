@@ -16,6 +16,9 @@ from .model import get_router, quantized_layers
 from .scaleset import ScaleSet, install_scale_sets
 from .schedulers import use_scheduler
 
+DEFAULT_STEPS = 25  # sampling steps, also the service's default (deploy/params.py)
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance scale, likewise
+
 
 @torch.no_grad()
 def generate(
@@ -23,8 +26,8 @@ def generate(
     prompts: list[str],
     scale_sets: ScaleSet | list[ScaleSet] | None = None,
     seed: int | list[int] = 0,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | list[str] | None = None,
