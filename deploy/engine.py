@@ -101,11 +101,12 @@ class Engine:
     Not thread-safe: one caller at a time (a replica's batch thread).
     """
 
-    def __init__(self, base_path: str | Path, fingerprint: str, capacity: int = 16,
+    def __init__(self, base_path: str | Path, fingerprint: str, capacity: int,
                  device: str = "auto", dtype: str = "auto",
                  scheduler: str | None = None) -> None:
-        """scheduler: the sampler for every request (tuneqdm.schedulers), set once
-        here; None keeps the base's own."""
+        """capacity: subjects the bank holds (serving: ServeSettings'
+        max_subjects_per_replica); scheduler: the sampler for every request
+        (tuneqdm.schedulers), set once here; None keeps the base's own."""
         from diffusers.utils import logging as diffusers_logging
 
         from tuneqdm.base import load_quantized_pipeline

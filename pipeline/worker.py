@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from tuneqdm.generate import DEFAULT_GUIDANCE
+
 from .artifacts import write_subject
 from .manifest import Job, read_image_bytes
 from .storage import Storage
@@ -43,7 +45,7 @@ class WorkSettings:
     train: dict[str, Any] = field(default_factory=dict)
     samples: int = 2
     sample_steps: int = 20
-    guidance_scale: float = 7.5
+    guidance_scale: float = DEFAULT_GUIDANCE
     scales_dtype: str = "float32"
     min_image_side: int = 32
     max_image_pixels: int = 50_000_000
