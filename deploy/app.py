@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -32,64 +31,9 @@ from .batcher import MixedBatcher
 from .engine import Engine, GenerationRequest, LoadedSubject
 from .errors import InvalidRequest
 from .http import create_api
-from .params import GenerationParams, Limits
+from .params import GenerationParams
+from .settings import ServeSettings
 from .store import SubjectCatalog, SubjectInfo, SubjectStore, check_subject_id
-
-
-class ServeSettings(BaseModel):
-    """Everything `tuneqdm-pipeline serve` configures (all replicas share it)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    output: str = Field(description="the submit's --output: local folder or s3:// prefix")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    base: str | None = Field(None, description="base address under bases/; default: the "
-                                               "only one, or the last submit's")
-    name: str = "tuneqdm"
-    route_prefix: str = "/"
-    replicas: int | None = Field(1, ge=1, description="fixed replica count")
-    min_replicas: int | None = Field(None, ge=0)
-    max_replicas: int | None = Field(None, ge=1)
-    target_ongoing_requests: float = Field(8.0, gt=0)
-    num_cpus_per_replica: float = Field(1.0, ge=0)
-    num_gpus_per_replica: float = Field(0.0, ge=0)
-    ingress_replicas: int = Field(1, ge=1)
-    ingress_num_cpus: float = Field(0.1, ge=0)
-    max_subjects_per_replica: int = Field(16, ge=1, le=4096)
-    max_batch_images: int = Field(8, ge=1, le=1024)
-    batch_wait_ms: float = Field(10.0, ge=0, le=10_000)
-    max_queued_images: int = Field(64, ge=1)
-    max_ongoing_requests: int = Field(64, ge=1, description="per model replica")
-    max_queued_requests: int = Field(512, ge=-1, description="per handle; -1: no limit")
-    device: str = "auto"
-    dtype: str = "auto"
-    torch_threads: int | None = Field(None, ge=1)
-    catalog_ttl_s: float = Field(10.0, ge=0)
-    limits: dict[str, Any] = Field(default_factory=dict, description="Limits fields")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ServeSettings:
-        autoscaling = self.min_replicas is not None or self.max_replicas is not None
-        if autoscaling and (self.min_replicas is None or self.max_replicas is None):
-            raise ValueError("give both min_replicas and max_replicas for autoscaling")
-        if autoscaling and self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas "
-                             f"{self.max_replicas}")
-        limits = self.request_limits()
-        if limits.max_images > self.max_batch_images:
-            raise ValueError(f"max_images {limits.max_images} > max_batch_images "
-                             f"{self.max_batch_images}: one request must fit a batch")
-        if self.max_queued_images < self.max_batch_images:
-            raise ValueError(f"max_queued_images {self.max_queued_images} < "
-                             f"max_batch_images {self.max_batch_images}")
-        return self
-
-    def request_limits(self) -> Limits:
-        return Limits(**self.limits)
-
-    @property
-    def autoscaling(self) -> bool:
-        return self.min_replicas is not None
 
 
 def _short_replica_id() -> str:
@@ -107,12 +51,13 @@ class SubjectModel:
         import torch
 
         threads = settings.torch_threads or max(1, int(settings.num_cpus_per_replica))
-        torch.set_num_threads(threads)  # Ray sets 1 thread in workers (DESIGN section 5)
+        torch.set_num_threads(threads)  # Ray sets 1 thread in workers (docs/design.md §6)
         self.settings = settings
         self.store = SubjectStore(settings.output, settings.storage_options, settings.base)
         self.engine = Engine(self.store.local_base_path(), self.store.base.fingerprint,
                              capacity=settings.max_subjects_per_replica,
-                             device=settings.device, dtype=settings.dtype)
+                             device=settings.device, dtype=settings.dtype,
+                             scheduler=settings.scheduler)
         self.batcher = MixedBatcher(
             self.engine.run, key=lambda r: r.params.batch_key, subject=lambda r: r.subject.key,
             images=lambda r: r.params.num_images, max_batch_images=settings.max_batch_images,

@@ -103,11 +103,16 @@ class Engine:
     Not thread-safe: one caller at a time (a replica's batch thread).
     """
 
-    def __init__(self, base_path: str | Path, fingerprint: str, capacity: int = 16,
-                 device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, base_path: str | Path, fingerprint: str, capacity: int,
+                 device: str = "auto", dtype: str = "auto",
+                 scheduler: str | None = None) -> None:
+        """capacity: subjects the bank holds (serving: ServeSettings'
+        max_subjects_per_replica); scheduler: the sampler for every request
+        (tuneqdm.schedulers), set once here; None keeps the base's own."""
         from diffusers.utils import logging as diffusers_logging
 
         from tuneqdm.base import load_quantized_pipeline
+        from tuneqdm.schedulers import make_scheduler
 
         diffusers_logging.disable_progress_bar()
         self.device, self.dtype = resolve_device(device, dtype)
@@ -118,6 +123,8 @@ class Engine:
                                f"expected {fingerprint[:12]}...")
         self.fingerprint = fingerprint
         self.pipe.set_progress_bar_config(disable=True)
+        if scheduler is not None:
+            self.pipe.scheduler = make_scheduler(scheduler, self.pipe.scheduler.config)
         self.bank = ScaleBank(self.pipe.unet, capacity)
         self.native_size = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 

@@ -76,10 +76,17 @@ def status_of(error: BaseException) -> int:
 
 def create_api(backend: Backend, limits: Limits, title: str = "TuneQDM subjects") -> FastAPI:
     """The FastAPI app serving `backend` with requests bounded by `limits`."""
-    image_request = request_model(limits)
     app = FastAPI(title=title, version="1",
                   description="Images of personalised subjects from one quantized "
                               "Stable-Diffusion base (TuneQDM, arXiv 2401.04339).")
+    _add_error_handling(app)
+    _add_catalog_routes(app, backend, limits)
+    _add_image_routes(app, backend, limits)
+    return app
+
+
+def _add_error_handling(app: FastAPI) -> None:
+    """413 for large bodies, 422 for invalid ones, ServeError's own status else."""
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable]):
@@ -97,6 +104,10 @@ def create_api(backend: Backend, limits: Limits, title: str = "TuneQDM subjects"
     @app.exception_handler(ServeError)
     async def on_serve_error(_: Request, err: ServeError):
         return error_response(err.status_code, message(err))
+
+
+def _add_catalog_routes(app: FastAPI, backend: Backend, limits: Limits) -> None:
+    """GET /, /healthz, /v1/subjects and /v1/subjects/{subject_id}."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(request: Request) -> HTMLResponse:
@@ -126,6 +137,11 @@ def create_api(backend: Backend, limits: Limits, title: str = "TuneQDM subjects"
         """One finished subject (also one trained on another base: servable false)."""
         check_subject_id(subject_id)
         return (await run_in_threadpool(backend.describe, subject_id)).to_dict()
+
+
+def _add_image_routes(app: FastAPI, backend: Backend, limits: Limits) -> None:
+    """POST /v1/subjects/{subject_id}/images and POST /v1/images (subject in a header)."""
+    image_request = request_model(limits)
 
     async def images(subject_id: str, body: dict[str, Any], request: Request) -> Response:
         header = request.headers.get(SUBJECT_HEADER)
@@ -164,8 +180,6 @@ def create_api(backend: Backend, limits: Limits, title: str = "TuneQDM subjects"
             raise InvalidRequest(f"name the subject in the path or the {SUBJECT_HEADER} "
                                  "header")
         return await images(subject_id, body.model_dump(), request)
-
-    return app
 
 
 def _image_response(subject_id: str, params: GenerationParams, result: dict[str, Any],

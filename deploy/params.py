@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from tuneqdm.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
 from .errors import InvalidRequest
 
 # Seeds stay exact in JavaScript numbers, so the playground can show and replay them.
@@ -34,14 +36,14 @@ class Limits:
     """
 
     max_steps: int = 100
-    default_steps: int = 25
+    default_steps: int = DEFAULT_STEPS
     max_side: int = 1024
     min_side: int = 8
     side_multiple: int = 8
     max_images: int = 4
     max_prompt_chars: int = 1000
     max_guidance: float = 30.0
-    default_guidance: float = 7.5
+    default_guidance: float = DEFAULT_GUIDANCE
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,8 +80,8 @@ class GenerationParams:
 
     prompt: str
     negative_prompt: str = ""
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    num_inference_steps: int = Limits.default_steps
+    guidance_scale: float = Limits.default_guidance
     seed: int = 0
     height: int = 512
     width: int = 512

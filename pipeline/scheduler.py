@@ -84,86 +84,103 @@ class ActorPool:
         self.tick_s = tick_s
         self.slots: list[_Slot] = []
         self.report = PoolReport()
+        self._queue: deque[Job] = deque()
+        self._in_flight: dict[Any, tuple[_Slot, Job, int]] = {}  # ObjectRef -> its call
+        self._start_failures = 0  # constructor failures in a row
+        self._broken = ""  # set when actors keep failing to start: no more replacements
 
     def run(self, jobs: list[Job]) -> PoolReport:
         import ray
 
-        crash_types = actor_crash_types()
-        report = self.report = PoolReport()  # kept on self: partial results on Ctrl-C
-        queue: deque[Job] = deque(jobs)
-        in_flight: dict[Any, tuple[_Slot, Job, int]] = {}
-        start_failures = 0
-        broken = ""  # set when actors keep failing to start: no more replacements
+        self.report = PoolReport()  # kept on self: partial results on Ctrl-C
+        self._queue, self._in_flight = deque(jobs), {}
+        self._start_failures, self._broken = 0, ""
         self.slots = [self._new_slot(i, 0) for i in range(min(self.size, len(jobs)))]
-
-        def finish(job: Job, attempt: int, actor: str, result: dict[str, Any]) -> None:
-            report.results[job.job_id] = result
-            self.on_event({"event": "finished", "job": job, "actor": actor,
-                           "attempt": attempt, "result": result})
-
         try:
-            while queue or in_flight:
-                if broken:
-                    while queue:
-                        job = queue.popleft()
-                        finish(job, report.attempts.get(job.job_id, 0), "",
-                               _failed(job, report.attempts.get(job.job_id, 0), "", broken))
-                for slot in self.slots:
-                    if not slot.busy and queue:
-                        if slot.actor is None:  # replaced: start the successor now
-                            slot.actor = self.make_actor(slot.name)
-                        job = queue.popleft()
-                        attempt = report.attempts.get(job.job_id, 0) + 1
-                        report.attempts[job.job_id] = attempt
-                        ref = self.start(slot.actor, job, attempt)
-                        slot.busy = True
-                        in_flight[ref] = (slot, job, attempt)
-                        self.on_event({"event": "started", "job": job, "actor": slot.name,
-                                       "attempt": attempt})
-                if not in_flight:
+            while self._queue or self._in_flight:
+                if self._broken:
+                    self._fail_queue()
+                self._start_free_slots()
+                if not self._in_flight:
                     continue
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.tick_s)
+                ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=self.tick_s)
                 self.on_tick()
                 for ref in ready:
-                    slot, job, attempt = in_flight.pop(ref)
-                    slot.busy = False
-                    try:
-                        result = ray.get(ref)
-                    except crash_types as err:
-                        reason = short_error(err)
-                        if getattr(err, "actor_init_failed", False):
-                            # Not the job's fault: give the try back.
-                            report.attempts[job.job_id] = attempt - 1
-                            start_failures += 1
-                            if start_failures >= self.max_start_failures:
-                                broken = f"no actor could start: {reason}"
-                        if broken:
-                            self._retire(slot)
-                            tries = report.attempts[job.job_id]
-                            finish(job, tries, slot.name, _failed(job, tries, slot.name,
-                                                                   broken))
-                            continue
-                        self._replace(slot, reason, report)
-                        if getattr(err, "actor_init_failed", False):
-                            queue.appendleft(job)
-                        elif attempt > self.max_retries:
-                            finish(job, attempt, slot.name, _failed(
-                                job, attempt, slot.name,
-                                f"actor died {attempt} time(s) while training it "
-                                f"(last: {reason})"))
-                        else:
-                            self.on_event({"event": "retry", "job": job, "actor": slot.name,
-                                           "attempt": attempt, "reason": reason})
-                            queue.appendleft(job)
-                        continue
-                    except ray.exceptions.RayTaskError as err:
-                        result = _failed(job, attempt, slot.name, short_error(err))
-                    else:
-                        start_failures = 0
-                    finish(job, attempt, slot.name, result)
-            return report
+                    self._collect(ref)
+            return self.report
         finally:
             self.shutdown()
+
+    def _finish(self, job: Job, attempt: int, actor: str, result: dict[str, Any]) -> None:
+        self.report.results[job.job_id] = result
+        self.on_event({"event": "finished", "job": job, "actor": actor, "attempt": attempt,
+                       "result": result})
+
+    def _fail_queue(self) -> None:
+        """No actor can start: every queued job fails with that reason."""
+        while self._queue:
+            job = self._queue.popleft()
+            tries = self.report.attempts.get(job.job_id, 0)
+            self._finish(job, tries, "", _failed(job, tries, "", self._broken))
+
+    def _start_free_slots(self) -> None:
+        """Hand the next queued job to every idle slot (starting replaced actors)."""
+        for slot in self.slots:
+            if slot.busy or not self._queue:
+                continue
+            if slot.actor is None:  # replaced: start the successor now
+                slot.actor = self.make_actor(slot.name)
+            job = self._queue.popleft()
+            attempt = self.report.attempts.get(job.job_id, 0) + 1
+            self.report.attempts[job.job_id] = attempt
+            ref = self.start(slot.actor, job, attempt)
+            slot.busy = True
+            self._in_flight[ref] = (slot, job, attempt)
+            self.on_event({"event": "started", "job": job, "actor": slot.name,
+                           "attempt": attempt})
+
+    def _collect(self, ref: Any) -> None:
+        """Take one finished call: its result, the job's own failure, or the actor's."""
+        import ray
+
+        slot, job, attempt = self._in_flight.pop(ref)
+        slot.busy = False
+        try:
+            result = ray.get(ref)
+        except actor_crash_types() as err:
+            self._actor_died(slot, job, attempt, err)
+            return
+        except ray.exceptions.RayTaskError as err:
+            result = _failed(job, attempt, slot.name, short_error(err))
+        else:
+            self._start_failures = 0
+        self._finish(job, attempt, slot.name, result)
+
+    def _actor_died(self, slot: _Slot, job: Job, attempt: int, err: BaseException) -> None:
+        """Replace the actor; requeue the job, or fail it after max_retries deaths."""
+        reason = short_error(err)
+        init_failed = getattr(err, "actor_init_failed", False)
+        if init_failed:  # not the job's fault: give the try back
+            self.report.attempts[job.job_id] = attempt - 1
+            self._start_failures += 1
+            if self._start_failures >= self.max_start_failures:
+                self._broken = f"no actor could start: {reason}"
+        if self._broken:
+            self._retire(slot)
+            tries = self.report.attempts[job.job_id]
+            self._finish(job, tries, slot.name, _failed(job, tries, slot.name, self._broken))
+            return
+        self._replace(slot, reason, self.report)
+        if init_failed:
+            self._queue.appendleft(job)
+        elif attempt > self.max_retries:
+            self._finish(job, attempt, slot.name, _failed(
+                job, attempt, slot.name,
+                f"actor died {attempt} time(s) while training it (last: {reason})"))
+        else:
+            self.on_event({"event": "retry", "job": job, "actor": slot.name,
+                           "attempt": attempt, "reason": reason})
+            self._queue.appendleft(job)
 
     def shutdown(self) -> None:
         """Kill every actor of the pool (they hold CPUs/GPUs and a loaded model)."""

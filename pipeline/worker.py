@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from tuneqdm.generate import DEFAULT_GUIDANCE
+
 from .manifest import Job, SubjectSpec
 from .photos import read_image_bytes
 from .store import Storage, SubjectMeta, write_subject
@@ -32,8 +34,9 @@ MAX_LOSS_POINTS = 2000
 class WorkSettings:
     """What every job of a run shares (sent once to each actor).
 
-    train: TrainConfig keyword arguments (steps, lr_scale_out, resolution, ...); a job's
-    CSV overrides are applied on top. samples: sample images per subject (0: none).
+    train: TrainConfig keyword arguments (steps, lr_scale_out, resolution, ...), or
+    lr_scale_out_relative in place of lr_scale_out (tuneqdm/recipe.py); a job's CSV
+    overrides are applied on top. samples: sample images per subject (0: none).
     """
 
     run_id: str
@@ -42,7 +45,7 @@ class WorkSettings:
     train: dict[str, Any] = field(default_factory=dict)
     samples: int = 2
     sample_steps: int = 20
-    guidance_scale: float = 7.5
+    guidance_scale: float = DEFAULT_GUIDANCE
     scales_dtype: str = "float32"
     min_image_side: int = 32
     max_image_pixels: int = 50_000_000
@@ -56,11 +59,12 @@ def failed(job: Job, reason: str, attempt: int = 1, actor: str = "",
             "seconds": round(seconds, 3), "final_loss": None, "steps": 0, "outputs": {}}
 
 
-def train_config_for(job: Job, settings: WorkSettings):
-    """The job's TrainConfig: run settings with the CSV's overrides on top."""
-    from tuneqdm.train import TrainConfig
+def train_config_for(job: Job, settings: WorkSettings, unet=None):
+    """The job's TrainConfig: run settings with the CSV's overrides on top; a recipe's
+    relative rate of s_out is resolved against the loaded base's `unet`."""
+    from tuneqdm.recipe import resolve_train_config
 
-    return TrainConfig(**{**settings.train, **job.overrides})
+    return resolve_train_config({**settings.train, **job.overrides}, unet)
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
 
     run = _Attempt(job, attempt, actor, time.perf_counter())
     try:
-        config = train_config_for(job, settings)
+        config = train_config_for(job, settings, pipe.unet)
     except ValueError as err:
         return run.failed(f"bad training settings: {err}", timed=False)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

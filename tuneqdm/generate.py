@@ -18,6 +18,10 @@ from PIL import Image
 
 from .scaleset import ScaleSet, install_scale_sets
 from .scaletable import ScaleTable
+from .schedulers import use_scheduler
+
+DEFAULT_STEPS = 25  # sampling steps, also the service's default (deploy/params.py)
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance scale, likewise
 
 
 @torch.no_grad()
@@ -26,13 +30,14 @@ def generate(
     prompts: list[str],
     scale_sets: ScaleSet | list[ScaleSet] | None = None,
     seed: int | list[int] = 0,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | list[str] | None = None,
     num_images_per_prompt: int = 1,
     slots: Sequence[int] | None = None,
+    scheduler: str | None = None,
 ) -> list[Image.Image]:
     """Generate images, num_images_per_prompt per prompt, in prompt order.
 
@@ -43,6 +48,8 @@ def generate(
         depend on what else is in the batch.
     slots: instead of scale_sets, the scale-table slot of each prompt (one per
         prompt) in a UNet whose tables hold them already (ScaleTable.write).
+    scheduler: a sampler by name for this call (tuneqdm.schedulers), built from the
+        pipeline's scheduler config; None: the pipeline's own.
     """
     prompts = list(prompts)
     if not prompts:
@@ -55,18 +62,12 @@ def generate(
     device = pipe._execution_device
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in per_prompt_seeds]
     latents = _initial_latents(pipe, generators, height, width, device)
-    with table.select(image_slots) if table is not None else contextlib.nullcontext():
-        output = pipe(
-            prompt=prompts,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            num_images_per_prompt=num_images_per_prompt,
-            latents=latents,
-            output_type="pil",
-        )
+    selection = table.select(image_slots) if table is not None else contextlib.nullcontext()
+    with selection, use_scheduler(pipe, scheduler):  # the pipeline's own when None
+        output = pipe(prompt=prompts, negative_prompt=negative_prompt,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+                      latents=latents, output_type="pil")
     return output.images
 
 

@@ -189,3 +189,43 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, **kwargs) -> Path:
     )
     pipe.save_pretrained(path)
     return path
+
+
+def write_reference_checkpoint(float_dir: str | Path, path: str | Path, num_experts: int = 2,
+                               seed: int = 0) -> dict[str, torch.Tensor]:
+    """A checkpoint in the layout of the authors' released implementation
+    (tuneqdm/reference_import.py), made from the float UNet at `float_dir`: 8-bit
+    asymmetric integers, zero points (out, 1[, 1, 1]), per-expert scales perturbed by
+    5 % around (s0, 1): delta_out (N, out, 1[, 1, 1]), delta_in (N, 1, in[, 1, 1]).
+    Returns its delta_state."""
+    from torch import nn
+
+    from .base import load_float_pipeline
+    from .config import QuantConfig
+    from .quant import quantize_weight
+
+    unet = load_float_pipeline(float_dir).unet
+    config = QuantConfig(bits=8, num_experts=num_experts)
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        q, zero, scale0 = quantize_weight(module.weight, config)
+        out, inp = module.weight.shape[:2]
+        tail = (1, 1) if isinstance(module, nn.Conv2d) else ()
+        noise_out = torch.randn(num_experts, out, generator=generator)
+        noise_in = torch.randn(num_experts, inp, generator=generator)
+        state[f"{name}.weight_int"] = q
+        state[f"{name}.zero_point"] = zero.view(out, 1, *tail)
+        state[f"{name}.delta_out_experts"] = (scale0.view(1, out) * (1 + 0.05 * noise_out)
+                                              ).view(num_experts, out, 1, *tail)
+        state[f"{name}.delta_in_experts"] = (1 + 0.05 * noise_in).view(num_experts, 1, inp,
+                                                                       *tail)
+        if module.bias is not None:
+            state[f"{name}.bias"] = module.bias.detach().clone()
+    reference_config = {"n_bits": 8, "symmetric": False, "num_experts": num_experts,
+                        "total_denoising_steps": 1000, "train_delta_in": True,
+                        "train_bias": False}
+    torch.save({"delta_state": state, "config": reference_config}, str(path))
+    return state

@@ -63,7 +63,7 @@ class TrainConfig:
     steps: int = 400
     batch_size: int = 1
     lr: float | None = None
-    lr_scale_out: float = 3e-6
+    lr_scale_out: float = DEFAULT_LR["scales"]
     lr_scale_in: float | None = None
     lora_rank: int = 4
     resolution: int | None = None

@@ -60,6 +60,7 @@ class SubjectMeta:
     device: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     finished_at: str | None = None
+    imported_from: dict[str, Any] | None = None  # `import-reference`: the checkpoint
 
     @property
     def instance_prompt(self) -> str:
@@ -92,7 +93,7 @@ class SubjectMeta:
             "attempt": self.attempt, "actor": self.actor, "host": self.host,
             "device": self.device, "versions": dict(self.versions),
             "finished_at": self.finished_at,
-        }
+        } | ({"imported_from": dict(self.imported_from)} if self.imported_from else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], subject_id: str | None = None) -> SubjectMeta:
@@ -127,6 +128,7 @@ class SubjectMeta:
                 host=str(data.get("host") or ""), device=str(data.get("device") or ""),
                 versions=dict(data.get("versions") or {}),
                 finished_at=data.get("finished_at"),
+                imported_from=data.get("imported_from"),
             )
         except (AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"meta.json is malformed: {err}") from None

@@ -26,8 +26,8 @@ def trained_output(tmp_path_factory) -> Path:
     scale set names another base: 409) and `halfway` (no done.json: 404)."""
     from click.testing import CliRunner
 
-    from pipeline.cli import main
     from tuneqdm.testing import save_tiny_pipeline
+    from tuneqdm_cli.main import main
 
     if not DREAMBOOTH.is_dir():
         pytest.skip(f"{DREAMBOOTH} is not available")

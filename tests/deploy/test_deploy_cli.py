@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from deploy_testkit import STEPS, free_port
 from PIL import Image
 
-from pipeline.cli import main
+from tuneqdm_cli.main import main
 
 
 @pytest.mark.parametrize(("args", "expected"), [

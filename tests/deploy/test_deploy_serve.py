@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from deploy_testkit import PROMPT, STEPS, assert_close, free_port
 from PIL import Image
 
-from pipeline.cli import main
+from tuneqdm_cli.main import main
 
 SOLO = "/solo"
 

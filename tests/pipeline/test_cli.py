@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from pipeline_testkit import copy_photos, write_csv
 
-from pipeline.cli import main
 from pipeline.manifest import Job, SubjectSpec
 from pipeline.progress import ProgressDisplay
 from pipeline.store import Storage, write_subject
 from pipeline.summary import format_table, row, write_summary
+from tuneqdm_cli.main import main
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from PIL import Image
 from pipeline_testkit import copy_photos, truncated_photo_folder, write_csv
 
-from pipeline.cli import main
 from pipeline.run import SubmitConfig, submit
 from pipeline.store import Storage
+from tuneqdm_cli.main import main
 
 FAST = ["--steps", "3", "--lr-scale-out", "1e-3", "--cpus-per-actor", "1", "--samples", "1",
         "--sample-steps", "2", "--guidance-scale", "1"]
