@@ -29,8 +29,11 @@ from typing import Any
 from .columns import DEFAULT_PROMPT, DEFAULT_TOKEN, TOKEN_PATTERN
 from .store import (
     DONE,
+    BaseInfo,
     Storage,
     SubjectMeta,
+    base_rel,
+    read_base,
     read_done,
     sha256_hex,
     subject_rel,
@@ -93,7 +96,7 @@ class ReferenceImport:
 
 @dataclass(frozen=True)
 class ImportResult:
-    base: dict[str, Any]           # the base's done.json
+    base: BaseInfo                 # the stored base (its marker and quant.json)
     base_written: bool             # False: an identical base was already in storage
     subject_uri: str
     layers: int
@@ -126,7 +129,10 @@ def import_reference(request: ReferenceImport, storage: Storage) -> ImportResult
     scales = scale_set.to_bytes()
     meta = _subject_meta(request, done, info, time.perf_counter() - start)
     uri = write_subject(storage, request.subject_id, scales, meta, [])
-    return ImportResult(done, written, uri, len(info["layers"]), info["scale0_source"])
+    base = read_base(storage, address)
+    if base is None:
+        raise OSError(f"the base written to {storage.uri(base_rel(address))} does not verify")
+    return ImportResult(base, written, uri, len(info["layers"]), info["scale0_source"])
 
 
 def _subject_meta(request: ReferenceImport, done: dict[str, Any], info: dict[str, Any],

@@ -53,12 +53,12 @@ def import_reference_command(checkpoint: str, output: str, storage_options: dict
     except (ValueError, StorageError, OSError) as err:  # the checkpoint, the model, storage
         raise click.ClickException(str(err)) from None
     base = result.base
-    quant = base["quant_config"]
+    quant = base.quant_config
     how = ", ".join(f"{n} {source}" for source, n in sorted(result.scale0_source.items()))
     click.echo(f"imported {checkpoint}: {quant['bits']}-bit {quant['method']}, "
                f"N={quant['num_experts']}, {result.layers} layers (s0: {how})")
     state = "written" if result.base_written else "already there, reused"
-    click.echo(f"base     {storage.uri(base_rel(base['address']))} ({state}; fingerprint "
-               f"{base['fingerprint'][:12]})")
+    click.echo(f"base     {storage.uri(base_rel(base.address))} ({state}; fingerprint "
+               f"{base.fingerprint[:12]})")
     click.echo(f"subject  {result.subject_uri}")
-    click.echo(f"serve it: tuneqdm-pipeline serve {storage.root} --base {base['address']}")
+    click.echo(f"serve it: tuneqdm-pipeline serve {storage.root} --base {base.address}")
