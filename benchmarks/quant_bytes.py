@@ -3,8 +3,8 @@
 1. Quantize (tuneqdm.quantize_) the SD v1.5 UNet at 2, 3, 4, 8 bits and count the
    tensor bytes of its state: packed integers + zero points + s0 + the tensors left in
    float (biases, norms); the trainable scales are a scale set, counted apart.
-2. Scale-set size: s_out + s_in numbers per expert (DESIGN section 1: 612,744 for
-   SD v1), bytes in fp32 and fp16 for N = 1, 2, 4.
+2. Scale-set size: s_out + s_in numbers per expert (docs/design.md §1: 612,744
+   for SD v1), bytes in fp32 and fp16 for N = 1, 2, 4.
 3. Weight SQNR of rounding="nearest" vs "mse" per layer, averaged over layers, on the
    default-initialised weights (uniform-ish) and on Gaussian weights of the same
    shapes (trained weights are bell-shaped). Per-channel quantization treats rows
@@ -39,7 +39,7 @@ from tuneqdm import QuantConfig, quantize_
 from tuneqdm.quant import dequantize_weight, quantize_weight, sqnr_db
 
 MB = 1e6
-SD_V1_SCALE_NUMBERS = 612_744  # DESIGN section 1
+SD_V1_SCALE_NUMBERS = 612_744  # docs/design.md §1
 SD_V1_PEQA_NUMBERS = 318_404
 
 
@@ -130,7 +130,7 @@ def measure_sqnr(model: nn.Module, bits_list: list[int], max_rows: int, mse_grid
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--sqnr-bits", type=int, nargs="+", default=[3, 4])
@@ -138,30 +138,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mse-grid", type=int, default=80)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    return parser.parse_args(argv)
 
-    unet = build_sd15_unet(seed=0)
+
+def unet_facts(unet: nn.Module) -> dict[str, int]:
+    """Bytes, layer and weight counts and scale-set numbers of the float UNet, printed."""
     fp32_bytes = tensor_bytes(unet.state_dict().values())
     layers = float_layers(unet)
     weight_numel = sum(m.weight.numel() for m in layers.values())
-    n_layers = len(layers)
     outs, ins = scale_numbers(unet)
     per_expert = outs + ins
     print(
-        f"{n_layers} Linear/Conv2d layers, {weight_numel:,} weights; "
+        f"{len(layers)} Linear/Conv2d layers, {weight_numel:,} weights; "
         f"UNet state fp32 {fp32_bytes / MB:.1f} MB"
     )
     print(
         f"scale set per expert: s_out {outs:,} + s_in {ins:,} = {per_expert:,} "
-        f"(DESIGN: {SD_V1_SCALE_NUMBERS:,}; PEQA {SD_V1_PEQA_NUMBERS:,})"
+        f"(docs/design.md §1: {SD_V1_SCALE_NUMBERS:,}; PEQA {SD_V1_PEQA_NUMBERS:,})"
     )
-    sqnr = measure_sqnr(unet, args.sqnr_bits, args.sqnr_rows, args.mse_grid)
-    del unet, layers
-    gc.collect()
-    byte_rows = measure_bytes(args.bits, fp32_bytes, weight_numel)
+    return {
+        "fp32_bytes": fp32_bytes,
+        "layers": len(layers),
+        "weight_numel": weight_numel,
+        "scale_out_numbers": outs,
+        "scale_in_numbers": ins,
+        "scale_numbers_per_expert": per_expert,
+    }
 
-    bytes_table = markdown_table(
+
+def bytes_table(byte_rows: list[dict]) -> str:
+    """Markdown table of the quantized UNet's state bytes, one row per bit width."""
+    return markdown_table(
         [
             {
                 "bits": r["bits"],
@@ -184,6 +191,10 @@ def main(argv: list[str] | None = None) -> None:
             ("int8", "ratio, int8 unpacked (published)"),
         ],
     )
+
+
+def scale_table(per_expert: int, outs: int) -> str:
+    """Markdown table of scale-set sizes: TuneQDM for N = 1, 2, 4 and PEQA (s_out only)."""
     scale_rows = []
     for method, numbers in (("TuneQDM", per_expert), ("PEQA", outs)):
         for n in (1, 2, 4):
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                     "fp16": f"{n * numbers * 2 / MB:.2f}",
                 }
             )
-    scale_table = markdown_table(
+    return markdown_table(
         scale_rows,
         [
             ("method", "method"),
@@ -208,7 +219,11 @@ def main(argv: list[str] | None = None) -> None:
             ("fp16", "fp16 MB"),
         ],
     )
-    sqnr_table = markdown_table(
+
+
+def sqnr_table(sqnr: list[dict]) -> str:
+    """Markdown table of mean and worst-layer weight SQNR, nearest vs mse rounding."""
+    return markdown_table(
         [
             {
                 "weights": r["weights"],
@@ -229,29 +244,45 @@ def main(argv: list[str] | None = None) -> None:
             ("min", "worst layer nearest / mse"),
         ],
     )
-    print(f"\nUNet state bytes (fp32: {fp32_bytes / MB:.1f} MB)\n{bytes_table}")
-    print(f"\nScale set size\n{scale_table}")
-    print(f"\nWeight SQNR, mean over {n_layers} layers ({args.sqnr_rows} rows each)\n{sqnr_table}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    unet = build_sd15_unet(seed=0)
+    facts = unet_facts(unet)
+    sqnr = measure_sqnr(unet, args.sqnr_bits, args.sqnr_rows, args.mse_grid)
+    del unet
+    gc.collect()
+    fp32_bytes = facts["fp32_bytes"]
+    byte_rows = measure_bytes(args.bits, fp32_bytes, facts["weight_numel"])
+
+    tables = {
+        "bytes": bytes_table(byte_rows),
+        "scales": scale_table(facts["scale_numbers_per_expert"], facts["scale_out_numbers"]),
+        "sqnr": sqnr_table(sqnr),
+    }
+    print(f"\nUNet state bytes (fp32: {fp32_bytes / MB:.1f} MB)\n{tables['bytes']}")
+    print(f"\nScale set size\n{tables['scales']}")
+    print(
+        f"\nWeight SQNR, mean over {facts['layers']} layers ({args.sqnr_rows} rows each)\n"
+        f"{tables['sqnr']}"
+    )
     ratio4 = next((r["ratio"] for r in byte_rows if r["bits"] == 4), None)
     if ratio4 is not None:
         print(f"\n4-bit ratio {ratio4:.4f} {'<=' if ratio4 <= 0.14 else '>'} 0.14")
     write_json(
         args.json,
         {
-            "fp32_bytes": fp32_bytes,
-            "layers": n_layers,
-            "weight_numel": weight_numel,
-            "scale_out_numbers": outs,
-            "scale_in_numbers": ins,
-            "scale_numbers_per_expert": per_expert,
+            **facts,
             "bytes": byte_rows,
             "sqnr": sqnr,
-            "tables": {"bytes": bytes_table, "scales": scale_table, "sqnr": sqnr_table},
+            "tables": tables,
             "machine": machine_info(),
             "command": sys.argv,
         },
     )
-
 
 if __name__ == "__main__":
     main()

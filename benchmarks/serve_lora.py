@@ -74,6 +74,54 @@ def make_adapters(pipe, folder: Path, count: int, rank: int) -> list[Path]:
     return paths
 
 
+def _load_per_request_ms(pipe, adapters: list[Path], repeat: int) -> float:
+    """Median ms of load_lora_weights + set_adapters, the adapter deleted after each."""
+
+    def load_per_request(i: int) -> None:
+        pipe.load_lora_weights(adapters[i % len(adapters)], adapter_name="req")
+        pipe.set_adapters("req")
+
+    swap = []
+    for i in range(repeat):
+        start = time.perf_counter()
+        load_per_request(i)
+        swap.append(time.perf_counter() - start)
+        pipe.delete_adapters("req")
+    return statistics.median(swap) * 1e3
+
+
+def _hot_swap(pipe, adapters: list[Path], generate, args) -> tuple[float, float, float]:
+    """Hot swapping into one loaded adapter slot: (median swap s, median request s with
+    the LoRA on, s for `args.concurrency` requests for as many subjects, one adapter per
+    call). The LoRA weights are unloaded afterwards."""
+    pipe.enable_lora_hotswap(target_rank=args.rank)
+    pipe.load_lora_weights(adapters[0], adapter_name="slot")
+    hot = _median_time(lambda i: pipe.load_lora_weights(
+        adapters[(i + 1) % len(adapters)], adapter_name="slot", hotswap=True), args.repeat)
+    generate()
+    with_lora = _median_time(lambda i: generate(), args.repeat)
+    # 8 requests for 8 subjects: one adapter per call
+    start = time.perf_counter()
+    for i in range(args.concurrency):
+        pipe.load_lora_weights(adapters[i + 1], adapter_name="slot", hotswap=True)
+        generate()
+    eight = time.perf_counter() - start
+    pipe.unload_lora_weights()
+    return hot, with_lora, eight
+
+
+def _all_resident(pipe, adapters: list[Path], repeat: int) -> tuple[float, float]:
+    """Every adapter loaded once: (median s of set_adapters per request, UNet parameter
+    bytes added per adapter)."""
+    before = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    for index, path in enumerate(adapters):
+        pipe.load_lora_weights(path, adapter_name=f"s{index}")
+    after = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    per_subject = (after - before) / len(adapters)
+    switch = _median_time(lambda i: pipe.set_adapters(f"s{i % len(adapters)}"), repeat)
+    return switch, per_subject
+
+
 def lora_rows(source: Path, args) -> tuple[list[dict], dict]:
     from diffusers import StableDiffusionPipeline
 
@@ -82,7 +130,7 @@ def lora_rows(source: Path, args) -> tuple[list[dict], dict]:
     pipe.set_progress_bar_config(disable=True)
     kwargs = {"num_inference_steps": args.steps, "height": args.size, "width": args.size,
               "guidance_scale": 7.5}
-    rows, facts = [], {}
+    facts = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(pipe, Path(tmp), args.subjects, args.rank)
 
@@ -92,56 +140,22 @@ def lora_rows(source: Path, args) -> tuple[list[dict], dict]:
 
         # float pipeline, no adapter: the request itself
         generate()
-        request = _median_time(lambda i: generate(), args.repeat)
-        facts["float_request_s"] = request
-
-        # 1. load per request
-        def load_per_request(i: int) -> None:
-            pipe.load_lora_weights(adapters[i % len(adapters)], adapter_name="req")
-            pipe.set_adapters("req")
-
-        swap = []
-        for i in range(args.repeat):
-            start = time.perf_counter()
-            load_per_request(i)
-            swap.append(time.perf_counter() - start)
-            pipe.delete_adapters("req")
-        rows.append({"method": "LoRA r=4", "switch": "load_lora_weights per request",
-                     "swap_ms": statistics.median(swap) * 1e3})
-
-        # 2. hot swap into one loaded adapter slot
-        pipe.enable_lora_hotswap(target_rank=args.rank)
-        pipe.load_lora_weights(adapters[0], adapter_name="slot")
-        hot = _median_time(lambda i: pipe.load_lora_weights(
-            adapters[(i + 1) % len(adapters)], adapter_name="slot", hotswap=True), args.repeat)
-        rows.append({"method": "LoRA r=4", "switch": "hot swap (hotswap=True)",
-                     "swap_ms": hot * 1e3})
-        generate()
-        with_lora = _median_time(lambda i: generate(), args.repeat)
+        facts["float_request_s"] = _median_time(lambda i: generate(), args.repeat)
+        per_request_ms = _load_per_request_ms(pipe, adapters, args.repeat)  # 1.
+        hot, with_lora, eight = _hot_swap(pipe, adapters, generate, args)  # 2.
         facts["lora_request_s"] = with_lora
-        # 8 requests for 8 subjects: one adapter per call
-        start = time.perf_counter()
-        for i in range(args.concurrency):
-            pipe.load_lora_weights(adapters[i + 1], adapter_name="slot", hotswap=True)
-            generate()
-        eight = time.perf_counter() - start
-        pipe.unload_lora_weights()
-
-        # 3. all resident, set_adapters per request
-        before = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
-        for index, path in enumerate(adapters):
-            pipe.load_lora_weights(path, adapter_name=f"s{index}")
-        after = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
-        per_subject = (after - before) / len(adapters)
-        switch = _median_time(lambda i: pipe.set_adapters(f"s{i % len(adapters)}"),
-                              args.repeat)
-        rows.append({"method": "LoRA r=4", "switch": f"all {len(adapters)} resident, "
-                     "set_adapters", "swap_ms": switch * 1e3,
-                     "bytes_per_subject": int(per_subject)})
-        for row in rows:
-            row["request_s"] = with_lora
-            row["swap_percent"] = 100 * row["swap_ms"] / 1e3 / with_lora
-            row["eight_subjects_images_per_s"] = args.concurrency / eight
+        switch, per_subject = _all_resident(pipe, adapters, args.repeat)  # 3.
+    rows = [
+        {"method": "LoRA r=4", "switch": "load_lora_weights per request",
+         "swap_ms": per_request_ms},
+        {"method": "LoRA r=4", "switch": "hot swap (hotswap=True)", "swap_ms": hot * 1e3},
+        {"method": "LoRA r=4", "switch": f"all {len(adapters)} resident, set_adapters",
+         "swap_ms": switch * 1e3, "bytes_per_subject": int(per_subject)},
+    ]
+    for row in rows:
+        row["request_s"] = with_lora
+        row["swap_percent"] = 100 * row["swap_ms"] / 1e3 / with_lora
+        row["eight_subjects_images_per_s"] = args.concurrency / eight
     return rows, facts
 
 

@@ -45,12 +45,63 @@ def _summary(name: str, seconds: list[float], baseline: float | None) -> dict:
     return row
 
 
+def _engine_case_fns(store, ids: list[str], loaded: dict, params, big, small) -> dict:
+    """The four engine cases by name, each a function of the request index: one subject,
+    all resident in `big`, through the 8-slot `small` bank, reloaded from storage."""
+    from deploy.engine import GenerationRequest, LoadedSubject
+
+    def one(i: int) -> None:
+        big.run([GenerationRequest(loaded[ids[0]], params)])
+
+    def resident(i: int) -> None:
+        big.run([GenerationRequest(loaded[ids[i % len(ids)]], params)])
+
+    def small_bank(i: int) -> None:
+        small.run([GenerationRequest(loaded[ids[i % len(ids)]], params)])
+
+    def from_storage(i: int) -> None:
+        scale_set, info = store.read_scale_set(ids[i % len(ids)])
+        small.check_fits(scale_set)
+        small.run([GenerationRequest(LoadedSubject(info, scale_set), params)])
+
+    return {"engine: one subject": one,
+            f"engine: {len(ids)} subjects, all resident (bank 128)": resident,
+            f"engine: {len(ids)} subjects, bank 8 (rows copied per request)": small_bank,
+            f"engine: {len(ids)} subjects, reloaded from storage each time": from_storage}
+
+
+def _engine_pieces(store, ids: list[str], loaded: dict, big, small, baseline: float,
+                   requests: int) -> list[dict]:
+    """The swap's pieces on their own (the differences between the engine cases are
+    within the noise), each as a percentage of the one-subject request `baseline` (s)."""
+    rows = []
+
+    def piece(name: str, fn) -> None:
+        values = []
+        for i in range(requests):
+            start = time.perf_counter()
+            fn(i)
+            values.append(time.perf_counter() - start)
+        row = _summary(f"tiny: {name}", values, None)
+        row["added_percent"] = 100 * row["median_ms"] / 1e3 / baseline
+        rows.append(row)
+
+    piece("copy rows into a bank slot", lambda i: small.bank.acquire(
+        [((i, "piece"), loaded[ids[i % len(ids)]].scale_set)]))
+    piece("slot lookup, subject resident", lambda i: big.bank.acquire(
+        [(loaded[ids[i % len(ids)]].key, loaded[ids[i % len(ids)]].scale_set)]))
+    piece("read + sha256 + parse + check_fits from storage",
+          lambda i: small.check_fits(store.read_scale_set(ids[i % len(ids)])[0]))
+    rows[-1]["bytes"] = small.bank.bytes_per_slot
+    return rows
+
+
 def engine_cases(output: Path, args) -> list[dict]:
     """The four engine cases, interleaved request by request (machine load then hits
     every case alike)."""
     import torch
 
-    from deploy.engine import Engine, GenerationRequest, LoadedSubject
+    from deploy.engine import Engine, LoadedSubject
     from deploy.params import GenerationParams
     from deploy.store import SubjectStore
 
@@ -68,24 +119,7 @@ def engine_cases(output: Path, args) -> list[dict]:
     for subject_id in ids:  # warm: every subject resident in the big bank
         big.bank.acquire([(loaded[subject_id].key, loaded[subject_id].scale_set)])
 
-    def one(i: int) -> None:
-        big.run([GenerationRequest(loaded[ids[0]], params)])
-
-    def resident(i: int) -> None:
-        big.run([GenerationRequest(loaded[ids[i % len(ids)]], params)])
-
-    def small_bank(i: int) -> None:
-        small.run([GenerationRequest(loaded[ids[i % len(ids)]], params)])
-
-    def from_storage(i: int) -> None:
-        scale_set, info = store.read_scale_set(ids[i % len(ids)])
-        small.check_fits(scale_set)
-        small.run([GenerationRequest(LoadedSubject(info, scale_set), params)])
-
-    cases = {"engine: one subject": one,
-             f"engine: {len(ids)} subjects, all resident (bank 128)": resident,
-             f"engine: {len(ids)} subjects, bank 8 (rows copied per request)": small_bank,
-             f"engine: {len(ids)} subjects, reloaded from storage each time": from_storage}
+    cases = _engine_case_fns(store, ids, loaded, params, big, small)
     for fn in cases.values():
         fn(0)
     seconds = {name: [] for name in cases}
@@ -99,26 +133,7 @@ def engine_cases(output: Path, args) -> list[dict]:
     rows = [_summary(name, values, None if name == "engine: one subject" else baseline)
             for name, values in seconds.items()]
     rows[2]["bank_writes"] = small.bank.writes - writes
-
-    # the swap's pieces on their own (the differences above are within the noise)
-    def piece(name: str, fn) -> None:
-        values = []
-        for i in range(args.requests):
-            start = time.perf_counter()
-            fn(i)
-            values.append(time.perf_counter() - start)
-        row = _summary(f"tiny: {name}", values, None)
-        row["added_percent"] = 100 * row["median_ms"] / 1e3 / baseline
-        rows.append(row)
-
-    piece("copy rows into a bank slot", lambda i: small.bank.acquire(
-        [((i, "piece"), loaded[ids[i % len(ids)]].scale_set)]))
-    piece("slot lookup, subject resident", lambda i: big.bank.acquire(
-        [(loaded[ids[i % len(ids)]].key, loaded[ids[i % len(ids)]].scale_set)]))
-    piece("read + sha256 + parse + check_fits from storage",
-          lambda i: small.check_fits(store.read_scale_set(ids[i % len(ids)])[0]))
-    rows[-1]["bytes"] = small.bank.bytes_per_slot
-    return rows
+    return rows + _engine_pieces(store, ids, loaded, big, small, baseline, args.requests)
 
 
 def http_cases(output: Path, args) -> list[dict]:
