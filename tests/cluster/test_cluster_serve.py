@@ -159,6 +159,5 @@ def test_serve_survives_losing_a_replica_node(cluster, trained_s3):
     _wait_replicas(cluster, ["127.0.0.4"], timeout_s=60)  # the lost replica is gone
 
     cluster.add_worker()  # a new node joins: Serve places the second replica there
-    cluster.wait_for_nodes(3)
     _wait_replicas(cluster, ["127.0.0.4", "127.0.0.5"], timeout_s=150)
     assert all(_generate(url, s, 7) for s in SUBJECTS)
