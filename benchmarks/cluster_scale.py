@@ -34,7 +34,7 @@ DREAMBOOTH = REPO.parent / "shared" / "dreambooth"
 BUCKET = "scale-bench"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
           "AWS_DEFAULT_REGION": "us-east-1"}
-QUICK_PLANS = [(20, 2), (4, 10)]  # --quick (and the test that keeps this script working)
+QUICK_PLANS = [(12, 2), (4, 10)]  # --quick (and the test that keeps this script working)
 # The driver runs the CLI in-process and reports its own peak RSS when it exits.
 DRIVER = ("import resource, runpy, sys\n"
           "sys.argv = ['tuneqdm_cli', *sys.argv[1:]]\n"
@@ -60,8 +60,17 @@ def s3_client(endpoint: str):
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
-def prepare(endpoint: str, workdir: Path, counts: list[int]) -> tuple[Path, list[Path]]:
-    """The tiny base folder, the bucket with two photos, one CSV per count."""
+OUTPUT = f"s3://{BUCKET}/runs"  # one output: later plans reuse the quantized base
+
+
+def plan_id(count: int, steps: int) -> str:
+    """The subject-id prefix of one plan's subjects."""
+    return f"n{count}s{steps}"
+
+
+def prepare(endpoint: str, workdir: Path, plans: list[tuple[int, int]]
+            ) -> tuple[Path, list[Path]]:
+    """The tiny base folder, the bucket with two photos, one CSV per plan."""
     from tuneqdm.testing import save_tiny_pipeline
 
     base = save_tiny_pipeline(workdir / "tiny-sd")
@@ -70,9 +79,10 @@ def prepare(endpoint: str, workdir: Path, counts: list[int]) -> tuple[Path, list
     for photo in sorted((DREAMBOOTH / "dog").glob("*.jpg"))[:2]:
         client.upload_file(str(photo), BUCKET, f"photos/dog/{photo.name}")
     csvs = []
-    for count in counts:
-        rows = [f"s{count}-{i:05d},s3://{BUCKET}/photos/dog/,dog,sks" for i in range(count)]
-        csv = workdir / f"subjects-{count}.csv"
+    for count, steps in plans:
+        rows = [f"{plan_id(count, steps)}-{i:05d},s3://{BUCKET}/photos/dog/,dog,sks"
+                for i in range(count)]
+        csv = workdir / f"subjects-{plan_id(count, steps)}.csv"
         csv.write_text("subject_id,images,class,token\n" + "\n".join(rows) + "\n")
         csvs.append(csv)
     return base, csvs
@@ -95,12 +105,12 @@ def run_submit(cluster, csv: Path, base: Path, output: str, steps: int,
     return {"job_wall_s": wall, "job_start": start, "driver_peak_rss_mb": int(rss[-1]) / 1024}
 
 
-def read_metas(endpoint: str, output_prefix: str) -> list[dict[str, Any]]:
-    """Every subjects/*/meta.json under the output prefix."""
+def read_metas(endpoint: str, prefix: str) -> list[dict[str, Any]]:
+    """Every meta.json of the subjects whose ids start with `prefix`."""
     client = s3_client(endpoint)
     metas, token = [], None
     while True:
-        page = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{output_prefix}/subjects/",
+        page = client.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/subjects/{prefix}-",
                                       **({"ContinuationToken": token} if token else {}))
         for item in page.get("Contents", []):
             if item["Key"].endswith("/meta.json"):
@@ -121,11 +131,14 @@ def utilisation(metas: list[dict[str, Any]]) -> dict[str, float]:
     spans = {a: sorted(v) for a, v in by_actor.items()}
     lo = max(v[0][0] for v in spans.values())
     hi = min(v[-1][1] for v in spans.values())
+    if hi <= lo:  # no moment when every actor had work (few subjects): the whole run
+        lo = min(v[0][0] for v in spans.values())
+        hi = max(v[-1][1] for v in spans.values())
     busy = sum(max(0.0, min(e, hi) - max(s, lo)) for v in spans.values() for s, e in v)
     gaps = [b[0] - a[1] for v in spans.values() for a, b in itertools.pairwise(v)]
     trained = sum(e - s for v in spans.values() for s, e in v)
     return {"actors": len(spans),
-            "busy_fraction": busy / (len(spans) * (hi - lo)) if hi > lo else float("nan"),
+            "busy_fraction": busy / (len(spans) * (hi - lo)),
             "mean_gap_s": sum(gaps) / len(gaps) if gaps else 0.0,
             "mean_subject_s": trained / len(metas), "idle_share": sum(gaps) / trained,
             "first_start": min(v[0][0] for v in spans.values()),
@@ -135,9 +148,8 @@ def utilisation(metas: list[dict[str, Any]]) -> dict[str, float]:
 def measure(cluster, endpoint: str, csv: Path, base: Path, count: int, steps: int,
             timeout_s: float) -> dict[str, Any]:
     """One submit of `count` subjects x `steps` steps; the row of the table."""
-    prefix = f"run-{count}x{steps}"
-    job = run_submit(cluster, csv, base, f"s3://{BUCKET}/{prefix}", steps, timeout_s)
-    metas = read_metas(endpoint, prefix)
+    job = run_submit(cluster, csv, base, OUTPUT, steps, timeout_s)
+    metas = read_metas(endpoint, plan_id(count, steps))
     if len(metas) != count:
         raise RuntimeError(f"{len(metas)} of {count} subjects finished")
     util = utilisation(metas)
@@ -156,7 +168,7 @@ def measure(cluster, endpoint: str, csv: Path, base: Path, count: int, steps: in
 def run_benchmark(cluster, endpoint: str, workdir: Path, plans: list[tuple[int, int]],
                   timeout_s: float = 3600) -> list[dict[str, Any]]:
     """Every (subjects, steps) plan on a running cluster whose nodes reach `endpoint`."""
-    base, csvs = prepare(endpoint, workdir, [count for count, _ in plans])
+    base, csvs = prepare(endpoint, workdir, plans)
     return [measure(cluster, endpoint, csv, base, count, steps, timeout_s)
             for csv, (count, steps) in zip(csvs, plans, strict=True)]
 
@@ -174,7 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subjects", type=int, default=1000)
     parser.add_argument("--realistic", default="20x50", help="SUBJECTSxSTEPS")
-    parser.add_argument("--quick", action="store_true", help="20 subjects, then 4x10")
+    parser.add_argument("--quick", action="store_true", help="12 subjects, then 4x10")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     many, (count, steps) = args.subjects, map(int, args.realistic.split("x"))
