@@ -2,7 +2,8 @@
 `generate` (the click commands live in tuneqdm_cli/serve.py).
 
     store = open_store(output, storage_options, base)      the served base + subjects
-    runner = ServeRunner(settings, host, port, local)      on a Ray connected by the caller
+    runner = ServeRunner(settings, host, port, local, proxy_location)   on a Ray connected
+                                                           by the caller
     check_resources(settings, ray.cluster_resources(), strict, say)
     runner.start(say); wait_for_signal(); runner.stop()
     generate_to_files(store, subject_id, prompt, path, ...) one batch, no Ray at all
@@ -31,6 +32,12 @@ Say = Callable[[str], None]
 # (also the ranges of its command-line options)
 GENERATE_LIMITS = Limits(max_steps=1000, max_side=4096, max_images=64,
                          max_prompt_chars=10_000, max_guidance=100)
+
+
+# Where Serve runs HTTP proxies: on every node (Ray's default), only on the head (nodes
+# that share one network namespace, or a single entry point behind a load balancer),
+# or nowhere (handles only).
+PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 
 
 class OutputNotFound(ValueError):
@@ -91,9 +98,14 @@ class ServeRunner:
     entirely; otherwise only this application is deleted from the cluster.
     """
 
-    def __init__(self, settings: ServeSettings, host: str, port: int, local: bool) -> None:
+    def __init__(self, settings: ServeSettings, host: str, port: int, local: bool,
+                 proxy_location: str = "EveryNode") -> None:
+        if proxy_location not in PROXY_LOCATIONS:
+            raise ValueError(f"proxy_location {proxy_location!r} is not one of "
+                             f"{', '.join(PROXY_LOCATIONS)}")
         self.settings = settings
         self.host, self.port = host, port
+        self.proxy_location = proxy_location
         self.local = local
         self.stopped = False
 
@@ -108,7 +120,8 @@ class ServeRunner:
 
         from .app import build_app
 
-        serve.start(http_options={"host": self.host, "port": self.port})
+        serve.start(http_options={"host": self.host, "port": self.port},
+                    proxy_location=self.proxy_location)
         say(f"deploying {self.settings.name!r}: base {self.settings.base} from "
             f"{self.settings.output}")
         serve.run(build_app(self.settings), name=self.settings.name,

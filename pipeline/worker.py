@@ -75,6 +75,7 @@ class _Attempt:
     attempt: int
     actor: str
     start: float
+    started_unix: float = field(default_factory=time.time)
 
     def failed(self, reason: str, timed: bool = True) -> dict[str, Any]:
         seconds = time.perf_counter() - self.start if timed else 0.0
@@ -170,6 +171,7 @@ def _subject_meta(spec: SubjectSpec, pipe, run: _Attempt, spec_hash: str,
         host=socket.gethostname(),
         device=str(pipe.unet.device) if hasattr(pipe.unet, "device") else "cpu",
         versions=library_versions(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        started_unix=round(run.started_unix, 4), finished_unix=round(time.time(), 4),
     )
 
 

@@ -15,6 +15,7 @@ import click
 from deploy.errors import BaseNotFound, InvalidRequest, ServeError
 from deploy.serve_runner import (
     GENERATE_LIMITS,
+    PROXY_LOCATIONS,
     OutputNotFound,
     ResourceShortage,
     ServeRunner,
@@ -65,6 +66,10 @@ def _open(output: str, storage_options: dict[str, Any], base: str | None):
               help="HTTP host. The API has no authentication: expose it only behind a "
                    "gateway that has.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--proxy-location", type=click.Choice(PROXY_LOCATIONS), default="EveryNode",
+              show_default=True,
+              help="HTTP proxies on every node, only on the head (e.g. nodes sharing one "
+                   "network namespace, or one entry point), or none.")
 @config_option("--replicas", type=click.IntRange(min=1), source=SETTINGS,
                help="Fixed number of model replicas.")
 @click.option("--min-replicas", type=click.IntRange(min=0), default=None,
@@ -100,8 +105,8 @@ def _open(output: str, storage_options: dict[str, Any], base: str | None):
 @click.option("--detach", is_flag=True,
               help="Deploy and return, leaving the app running (needs --address).")
 def serve_command(output: str, base: str | None, storage_options: dict[str, Any],
-                  address: str | None, host: str, port: int, num_cpus: int | None,
-                  detach: bool, **options: Any) -> None:
+                  address: str | None, host: str, port: int, proxy_location: str,
+                  num_cpus: int | None, detach: bool, **options: Any) -> None:
     """Serve every subject of OUTPUT (a submit's --output) over HTTP with Ray Serve.
 
     Each model replica loads the quantized base once; subjects' scale sets are loaded
@@ -115,7 +120,8 @@ def serve_command(output: str, base: str | None, storage_options: dict[str, Any]
     if address is None and not is_connected():  # fail before starting a Ray too small
         _check(settings, local_capacity(num_cpus), strict=True)
     with RaySession(address, num_cpus=num_cpus, dashboard=False) as session:
-        runner = ServeRunner(settings, host, port, local=session.local)
+        runner = ServeRunner(settings, host, port, local=session.local,
+                             proxy_location=proxy_location)
         try:
             # strict unless --address named a cluster (which may grow): a Ray started
             # here or already running in this process cannot, and Serve would wait forever

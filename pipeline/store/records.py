@@ -60,6 +60,8 @@ class SubjectMeta:
     device: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     finished_at: str | None = None
+    started_unix: float | None = None  # the attempt's start and end (before writing its
+    finished_unix: float | None = None  # files), seconds since the epoch: utilisation
     imported_from: dict[str, Any] | None = None  # `import-reference`: the checkpoint
 
     @property
@@ -93,7 +95,9 @@ class SubjectMeta:
             "attempt": self.attempt, "actor": self.actor, "host": self.host,
             "device": self.device, "versions": dict(self.versions),
             "finished_at": self.finished_at,
-        } | ({"imported_from": dict(self.imported_from)} if self.imported_from else {})
+        } | ({"started_unix": self.started_unix, "finished_unix": self.finished_unix}
+             if self.started_unix is not None else {}
+             ) | ({"imported_from": dict(self.imported_from)} if self.imported_from else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], subject_id: str | None = None) -> SubjectMeta:
@@ -128,6 +132,8 @@ class SubjectMeta:
                 host=str(data.get("host") or ""), device=str(data.get("device") or ""),
                 versions=dict(data.get("versions") or {}),
                 finished_at=data.get("finished_at"),
+                started_unix=_opt_float(data.get("started_unix")),
+                finished_unix=_opt_float(data.get("finished_unix")),
                 imported_from=data.get("imported_from"),
             )
         except (AttributeError, TypeError, ValueError) as err:

@@ -119,3 +119,14 @@ def test_serve_command_runs_until_interrupted(trained_output, tmp_path):
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def test_proxy_location_is_checked():
+    from deploy.serve_runner import ServeRunner
+    from deploy.settings import ServeSettings
+
+    settings = ServeSettings(output="/nowhere")
+    assert ServeRunner(settings, "127.0.0.1", 8000, local=False,
+                       proxy_location="HeadOnly").proxy_location == "HeadOnly"
+    with pytest.raises(ValueError, match="proxy_location 'Nowhere' is not one of EveryNode"):
+        ServeRunner(settings, "127.0.0.1", 8000, local=False, proxy_location="Nowhere")

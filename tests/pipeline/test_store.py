@@ -58,6 +58,7 @@ def test_meta_round_trips_and_each_fact_is_stored_once(tmp_path):
     stored = storage.read_json("subjects/dog/meta.json")
     assert stored["base"] == {"address": "a" * 24, "fingerprint": FP}
     assert "status" not in stored and "instance_prompt" not in stored
+    assert "started_unix" not in stored  # only attempts that were timed record them
     assert "prompt" not in stored["samples"]
     # meta.json as earlier versions wrote it still reads (extra keys ignored)
     old = {**stored, "status": "done", "instance_prompt": "x", "job_id": "dog",
@@ -259,3 +260,10 @@ def test_storage_options_without_credentials_pass():
         's3_additional_kwargs={"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "k-1"}',
     ]) == {"profile": "dev", "client_kwargs": {"region_name": "eu-west-1"},
            "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "k-1"}}
+
+
+def test_meta_records_the_attempts_start_and_end():
+    meta = _meta(started_unix=1_700_000_000.25, finished_unix=1_700_000_003.5)
+    data = meta.to_dict()
+    assert (data["started_unix"], data["finished_unix"]) == (1_700_000_000.25, 1_700_000_003.5)
+    assert SubjectMeta.from_dict(data) == meta

@@ -1,0 +1,37 @@
+"""benchmarks/cluster_scale.py's --quick plans on the cluster fixture, so the
+benchmark cannot rot: every subject finishes, and its numbers are sane."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cluster_scale.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("cluster_scale", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_scale_benchmark(cluster, s3_endpoint, tmp_path):
+    bench = _bench()
+    if not bench.DREAMBOOTH.is_dir():
+        pytest.skip(f"{bench.DREAMBOOTH} is not available")
+    rows = bench.run_benchmark(cluster, s3_endpoint, tmp_path, bench.QUICK_PLANS,
+                               timeout_s=240)
+    print("\n" + bench.table(rows))
+    assert [(r["subjects"], r["steps"]) for r in rows] == bench.QUICK_PLANS
+    for row in rows:
+        assert row["actors"] == 2  # one per logical GPU, both nodes used
+        assert 0.0 < row["busy_fraction"] <= 1.0 and not math.isnan(row["busy_fraction"])
+        assert row["overhead_per_subject_ms"] >= 0.0
+        assert 50 < row["driver_peak_rss_mb"] < 4096
+        assert row["job_wall_s"] >= row["training_wall_s"] > 0
+    # more steps per subject: the same per-subject overhead is a smaller share
+    assert rows[1]["subject_s"] > rows[0]["subject_s"]
