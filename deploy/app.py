@@ -158,7 +158,10 @@ class Ingress:
         self.backend = ServeBackend(model, store, settings.catalog_ttl_s)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.backend, self.settings.request_limits())
+        settings = self.settings
+        return create_api(self.backend, settings.request_limits(),
+                          request_timeout_s=settings.request_timeout_s,
+                          max_request_cost=settings.max_request_cost)
 
 
 def build_app(settings: ServeSettings) -> Application:
