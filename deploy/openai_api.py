@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from .contract import GENERATION_ERRORS, SUBJECT_ID_HELP, SUBJECT_ID_SCHEMA
 from .errors import InvalidRequest
-from .params import GenerationParams, Limits, request_model
+from .params import GenerationParams, Limits, WholeInt, request_model
 
 Generate = Callable[[str, dict[str, Any]], Awaitable[tuple[GenerationParams, dict[str, Any]]]]
 REPLACED = ("prompt", "num_images", "height", "width")  # by OpenAI's prompt / n / size
@@ -77,7 +77,7 @@ def openai_request_model(limits: Limits) -> type[BaseModel]:
             _no_url)},
         model=(str, Field(description=SUBJECT_ID_HELP, json_schema_extra=SUBJECT_ID_SCHEMA)),
         prompt=(str, ours["prompt"]),
-        n=(int, Field(1, ge=1, le=limits.max_images, description="images")),
+        n=(WholeInt, Field(1, ge=1, le=limits.max_images, description="images")),
         size=(str | None, Field(None, description="WxH in pixels; default: the model's "
                                                   "size", examples=["64x64"],
                                 json_schema_extra={"pattern": side_pattern(limits)})),
