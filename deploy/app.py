@@ -137,7 +137,12 @@ class ServeBackend:
 
     async def generate(self, subject_id: str, params: GenerationParams) -> dict[str, Any]:
         handle = self.model.options(multiplexed_model_id=subject_id)
-        return await handle.generate.remote(params)
+        response = handle.generate.remote(params)
+        try:
+            return await response
+        except asyncio.CancelledError:  # the deadline passed: the replica drops it too
+            response.cancel()
+            raise
 
 
 def native_size(store: SubjectStore) -> int:
