@@ -137,7 +137,12 @@ class ServeBackend:
 
     async def generate(self, subject_id: str, params: GenerationParams) -> dict[str, Any]:
         handle = self.model.options(multiplexed_model_id=subject_id)
-        return await handle.generate.remote(params)
+        response = handle.generate.remote(params)
+        try:
+            return await response
+        except asyncio.CancelledError:  # the deadline passed: the replica drops it too
+            response.cancel()
+            raise
 
 
 def native_size(store: SubjectStore) -> int:
@@ -158,7 +163,10 @@ class Ingress:
         self.backend = ServeBackend(model, store, settings.catalog_ttl_s)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.backend, self.settings.request_limits())
+        settings = self.settings
+        return create_api(self.backend, settings.request_limits(),
+                          request_timeout_s=settings.request_timeout_s,
+                          max_request_cost=settings.max_request_cost)
 
 
 def build_app(settings: ServeSettings) -> Application:

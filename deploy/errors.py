@@ -56,3 +56,17 @@ def message(error: BaseException) -> str:
     error = original(error)
     text = str(error.args[0]) if error.args else type(error).__name__
     return " ".join(text.split())
+
+
+class DeadlinePassed(ServeError):
+    """The request passed its deadline (`request_timeout_s`) and was cancelled (504)."""
+
+    status_code = 504
+
+
+class Relayed(ServeError):
+    """An error from a model replica, answered with the status worked out for it."""
+
+    def __init__(self, status_code: int, text: str) -> None:
+        super().__init__(text)
+        self.status_code = status_code

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from tuneqdm.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
@@ -25,6 +25,20 @@ from .errors import InvalidRequest
 # Seeds stay exact in JavaScript numbers, so the playground can show and replay them.
 MAX_SEED = 2**53 - 1
 PLACEHOLDERS = ("{token}", "{class_noun}")
+
+
+def whole_number(value: Any) -> Any:
+    """3.0 -> 3: JSON Schema's "integer" is any number with no fraction, so a client
+    generated from /openapi.json may send one; strings, booleans, 2.5 stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integer fields of a strict request body that take 3.0 as 3 (see whole_number); the
+# validator wraps the whole type so that Field bounds stay JSON-Schema keywords.
+WholeInt = Annotated[int, BeforeValidator(whole_number)]
+OptionalWholeInt = Annotated[int | None, BeforeValidator(whole_number)]
 
 
 @dataclass(frozen=True)
@@ -109,19 +123,19 @@ def request_model(limits: Limits) -> type[BaseModel]:
                                        "by the subject's identifier word and class noun.",
                            examples=["a photo of {token} {class_noun} on the beach"])),
         negative_prompt=(str | None, Field(None, max_length=limits.max_prompt_chars)),
-        num_inference_steps=(int | None, Field(None, ge=1, le=limits.max_steps,
+        num_inference_steps=(OptionalWholeInt, Field(None, ge=1, le=limits.max_steps,
                                                description=f"default {limits.default_steps}")),
         guidance_scale=(float | None, Field(None, ge=0.0, le=limits.max_guidance,
                                             allow_inf_nan=False,
                                             description="classifier-free guidance; <= 1 "
                                                         f"turns it off; default "
                                                         f"{limits.default_guidance}")),
-        seed=(int | None, Field(None, ge=0, le=MAX_SEED,
+        seed=(OptionalWholeInt, Field(None, ge=0, le=MAX_SEED,
                                 description="image j uses seed + j; omitted: random, "
                                             "returned with the result")),
-        height=(int | None, Field(None, **side, description="default: the model's size")),
-        width=(int | None, Field(None, **side, description="default: the model's size")),
-        num_images=(int, Field(1, ge=1, le=limits.max_images)),
+        height=(OptionalWholeInt, Field(None, **side, description="default: the model's size")),
+        width=(OptionalWholeInt, Field(None, **side, description="default: the model's size")),
+        num_images=(WholeInt, Field(1, ge=1, le=limits.max_images)),
     )
 
 

@@ -48,6 +48,14 @@ class ServeSettings(BaseModel):
                                                     "euler, dpm-solver); default: the base's")
     torch_threads: int | None = Field(None, ge=1)
     catalog_ttl_s: float = Field(10.0, ge=0)
+    request_timeout_s: float | None = Field(
+        300.0, gt=0, description="per-request deadline: a generation still running after "
+                                 "it is cancelled and answered 504; None: no deadline")
+    max_request_cost: int | None = Field(
+        512 * 512 * 50 * 4, ge=1,
+        description="per-request bound on height x width x steps x images (422 over it), "
+                    "so that one client cannot fill a replica's queue with the largest "
+                    "requests; default: 4 images of 512x512 px at 50 steps; None: no bound")
     limits: dict[str, Any] = Field(default_factory=dict, description="Limits fields")
 
     @field_validator("scheduler")

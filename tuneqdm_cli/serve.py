@@ -94,6 +94,10 @@ def _open(output: str, storage_options: dict[str, Any], base: str | None):
                help="Largest image side in pixels.")
 @config_option("--max-images", type=click.IntRange(min=1), source=LIMITS,
                help="Images per request.")
+@config_option("--max-request-cost", type=click.IntRange(min=1), source=SETTINGS,
+               help="Per-request bound on height x width x steps x images (422 over it).")
+@config_option("--request-timeout-s", type=click.FloatRange(min=0, min_open=True),
+               source=SETTINGS, help="Per-request deadline: cancelled and 504 after it.")
 @config_option("--device", source=SETTINGS, help="auto, cpu, cuda.")
 @config_option("--dtype", type=click.Choice(DTYPES), source=SETTINGS,
                help="Text encoder / VAE / activations dtype (auto: fp16 on GPU).")

@@ -35,7 +35,7 @@ ID_RULE = "1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or d
 
 def validate_subject_id(value: str) -> str:
     """Return `value` if it is a valid subject (or group) id, else raise ValueError."""
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid id: use {ID_RULE}")
     return value
 
