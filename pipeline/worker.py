@@ -37,6 +37,9 @@ class WorkSettings:
     train: TrainConfig keyword arguments (steps, lr_scale_out, resolution, ...), or
     lr_scale_out_relative in place of lr_scale_out (tuneqdm/recipe.py); a job's CSV
     overrides are applied on top. samples: sample images per subject (0: none).
+    device: "auto", "cpu" or "cuda" (pipeline/device.py). checkpoint_every: save the
+    scales and optimiser state to storage every K steps (0: never), so a retried job
+    resumes there (pipeline/checkpoint.py).
     """
 
     run_id: str
@@ -50,6 +53,8 @@ class WorkSettings:
     min_image_side: int = 32
     max_image_pixels: int = 50_000_000
     storage_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    checkpoint_every: int = 50
 
 
 def failed(job: Job, reason: str, attempt: int = 1, actor: str = "",
@@ -83,9 +88,11 @@ class _Attempt:
 
 def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: Storage,
               on_step: Callable[[int, float], None] | None = None, attempt: int = 1,
-              actor: str = "") -> dict[str, Any]:
+              actor: str = "", photos: dict[str, bytes] | None = None) -> dict[str, Any]:
     """Train `job` on the loaded quantized `pipe`; write its artefacts; return a result
-    dict (status "done" or "failed" with a reason)."""
+    dict (status "done" or "failed" with a reason). `photos`: {path: bytes} of local
+    photos shipped by the driver (others are read here: s3://, or local paths when
+    train_job is called without Ray)."""
     from tuneqdm.train import TrainingError, finetune
 
     run = _Attempt(job, attempt, actor, time.perf_counter())
@@ -94,7 +101,7 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
     except ValueError as err:
         return run.failed(f"bad training settings: {err}", timed=False)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    subjects = _load_subjects(job, settings, resolution)
+    subjects = _load_subjects(job, settings, resolution, photos or {})
     if isinstance(subjects, str):
         return run.failed(subjects)
     try:
@@ -111,15 +118,21 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
             "final_loss": result.final_loss, "steps": len(result.losses), "outputs": outputs}
 
 
-def _load_subjects(job: Job, settings: WorkSettings, resolution: int) -> list | str:
+def _load_subjects(job: Job, settings: WorkSettings, resolution: int,
+                   photos: dict[str, bytes]) -> list | str:
     """The job's tuneqdm Subjects with their photos loaded, or why they cannot be."""
     from tuneqdm.images import ImageLoadError, load_image
     from tuneqdm.train import Subject
 
+    def read(uri: str) -> bytes:
+        shipped = photos.get(uri)
+        return shipped if shipped is not None else read_image_bytes(
+            uri, settings.storage_options)
+
     try:
         return [
             Subject(spec.subject_id,
-                    [load_image(read_image_bytes(ref.uri, settings.storage_options),
+                    [load_image(read(ref.uri),
                                 name=ref.uri, min_side=settings.min_image_side,
                                 max_pixels=settings.max_image_pixels, shorter_side=resolution)
                      for ref in spec.images],
