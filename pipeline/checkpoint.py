@@ -13,10 +13,11 @@ status shows the subject as unfinished while a checkpoint is there.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from .manifest import Job
-from .store import Storage, StorageError, sha256_hex, subject_rel
+from .store import Storage, sha256_hex, subject_rel
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_TENSORS = f"{CHECKPOINT_DIR}/state.safetensors"
@@ -63,7 +64,5 @@ def load_checkpoint(storage: Storage, job: Job, spec_hash: str,
 
 def remove_checkpoint(storage: Storage, job: Job) -> None:
     """Delete the job's checkpoint folder if there is one (best effort)."""
-    try:
+    with contextlib.suppress(OSError):  # StorageError is an OSError
         storage.remove(subject_rel(_owner(job), CHECKPOINT_DIR), recursive=True)
-    except (OSError, StorageError):
-        pass

@@ -295,6 +295,9 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
     def on_event(event: dict[str, Any]) -> None:
         if event["event"] == "finished":
             photos.drop(event["job"])
+            if event["result"].get("resumed_from_step"):
+                err.write(f"resumed  {event['job'].job_id} from its checkpoint at step "
+                          f"{event['result']['resumed_from_step']}\n")
         display.event(event)
 
     display = ProgressDisplay(len(plan.specs), len(plan.reused), stream=err,

@@ -61,6 +61,7 @@ class SubjectMeta:
     versions: dict[str, str] = field(default_factory=dict)
     finished_at: str | None = None
     imported_from: dict[str, Any] | None = None  # `import-reference`: the checkpoint
+    resumed_from_step: int | None = None  # went on from a training checkpoint there
 
     @property
     def instance_prompt(self) -> str:
@@ -93,7 +94,8 @@ class SubjectMeta:
             "attempt": self.attempt, "actor": self.actor, "host": self.host,
             "device": self.device, "versions": dict(self.versions),
             "finished_at": self.finished_at,
-        } | ({"imported_from": dict(self.imported_from)} if self.imported_from else {})
+        } | ({"imported_from": dict(self.imported_from)} if self.imported_from else {}) \
+            | ({"resumed_from_step": self.resumed_from_step} if self.resumed_from_step else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], subject_id: str | None = None) -> SubjectMeta:
@@ -129,6 +131,7 @@ class SubjectMeta:
                 versions=dict(data.get("versions") or {}),
                 finished_at=data.get("finished_at"),
                 imported_from=data.get("imported_from"),
+                resumed_from_step=_opt_int(data.get("resumed_from_step")),
             )
         except (AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"meta.json is malformed: {err}") from None
