@@ -292,14 +292,6 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
         return actor.train.options(name=f"train:{job.job_id}").remote(
             job.to_dict(), spec_hashes[job.job_id], attempt, photos.ref(job))
 
-    def on_event(event: dict[str, Any]) -> None:
-        if event["event"] == "finished":
-            photos.drop(event["job"])
-            if event["result"].get("resumed_from_step"):
-                err.write(f"resumed  {event['job'].job_id} from its checkpoint at step "
-                          f"{event['result']['resumed_from_step']}\n")
-        display.event(event)
-
     display = ProgressDisplay(len(plan.specs), len(plan.reused), stream=err,
                               live=live_progress)
     pending_snapshot: list[Any] = []
@@ -319,7 +311,8 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
             if resources["num_gpus"] else f"{resources['num_cpus']:g} CPU")
     err.write(f"starting {resources['actors']} FineTuner actor(s), {kind} each\n")
     pool = ActorPool(make_actor, start, resources["actors"], f"tuneqdm-finetuner-{run_id}",
-                     max_retries=plan.config.max_retries, on_event=on_event,
+                     max_retries=plan.config.max_retries,
+                     on_event=_event_handler(photos, display, err),
                      on_tick=on_tick)
     try:
         pool.run(plan.pending)
@@ -332,6 +325,21 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
         display.close()
         ray.kill(tracker, no_restart=True)
     return pool.report, interrupted
+
+
+def _event_handler(photos: PhotoShipper, display: ProgressDisplay, err: TextIO):
+    """The pool's events: release a finished job's photos, say where a job resumed,
+    and show the rest on the progress display."""
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["event"] == "finished":
+            photos.drop(event["job"])
+            if event["result"].get("resumed_from_step"):
+                err.write(f"resumed  {event['job'].job_id} from its checkpoint at step "
+                          f"{event['result']['resumed_from_step']}\n")
+        display.event(event)
+
+    return on_event
 
 
 def _rows(specs, jobs: list[Job], reused: dict[str, dict[str, Any]],
