@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any
 
+from .device import actor_device
 from .manifest import Job
 from .store import Storage, local_base_path
 from .worker import WorkSettings, failed, train_job
@@ -37,7 +38,7 @@ class FineTuner:
         self.storage = storage
         self.settings = settings
         self.tracker = tracker
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = actor_device(settings.device)
         base = settings.base
         path = local_base_path(storage, base["address"], base["fingerprint"])
         self.pipe = load_quantized_pipeline(path, device=self.device)
@@ -57,7 +58,9 @@ class FineTuner:
                 "device": self.device, "threads": torch.get_num_threads(),
                 "load_seconds": round(self.load_seconds, 3), "jobs_done": self.jobs_done}
 
-    def train(self, job_data: dict[str, Any], spec_hash: str, attempt: int) -> dict[str, Any]:
+    def train(self, job_data: dict[str, Any], spec_hash: str, attempt: int,
+              photos: dict[str, bytes] | None = None) -> dict[str, Any]:
+        """Train one job; `photos`: the bytes of its local photos, read by the driver."""
         job = Job.from_dict(job_data)
         total = int({**self.settings.train, **job.overrides}.get("steps", 0))
         state = {"last": 0.0, "start": time.perf_counter()}
@@ -72,7 +75,8 @@ class FineTuner:
 
         try:
             result = train_job(self.pipe, job, spec_hash, self.settings, self.storage,
-                               on_step=on_step, attempt=attempt, actor=self.name)
+                               on_step=on_step, attempt=attempt, actor=self.name,
+                               photos=photos)
         except Exception as err:  # the job's own failure; the actor stays usable
             result = failed(job, f"{type(err).__name__}: {err}", attempt, self.name,
                             time.perf_counter() - state["start"])

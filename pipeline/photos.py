@@ -76,3 +76,10 @@ def read_image_bytes(uri: str, storage_options: dict[str, Any] | None = None) ->
 
 def _hidden(name: str) -> bool:
     return name.rsplit("/", 1)[-1].startswith(".")
+
+
+def local_photo_bytes(job) -> dict[str, bytes]:
+    """{path: bytes} of every local (not s3://) photo of `job`'s subjects (a
+    manifest.Job), read here so that actors on other nodes need not see the path."""
+    return {ref.uri: Path(ref.uri).read_bytes() for spec in job.subjects
+            for ref in spec.images if not is_remote(ref.uri)}

@@ -1,6 +1,6 @@
 """The one way this project connects to Ray: `RaySession`, used by `submit` and `serve`.
 
-    with RaySession(address=None) as session:     a fresh local Ray, shut down on exit
+    with RaySession(address=None) as session:     a fresh local Ray (in a Ray Job: its cluster)
         session.ray.cluster_resources()
     with RaySession(address="auto") as session:   the cluster; only disconnects on exit
 
@@ -54,8 +54,12 @@ def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 def init_kwargs(address: str | None, num_cpus: int | None = None, dashboard: bool = True,
                 environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """`ray.init` keyword arguments. address None: a fresh local instance (never someone
-    else's `ray start` on this host) with `num_cpus` CPUs (None: all)."""
+    """`ray.init` keyword arguments. address None: inside a Ray Job, the job's cluster;
+    else a fresh local instance (never someone else's `ray start` on this host) with
+    `num_cpus` CPUs (None: all)."""
+    environ = os.environ if environ is None else environ
+    if address is None and JOB_CONFIG_ENV in environ:
+        address = "auto"  # a Ray Job's driver: the cluster the job runs on
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
     if address is None:
         kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
@@ -64,7 +68,7 @@ def init_kwargs(address: str | None, num_cpus: int | None = None, dashboard: boo
             kwargs["dashboard_host"] = "127.0.0.1"
         return kwargs
     kwargs["address"] = address
-    env = forwarded_env(os.environ if environ is None else environ)
+    env = forwarded_env(environ)
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     return kwargs

@@ -21,10 +21,12 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .cluster import PhotoShipper, check_output_reachable
 from .manifest import Job, SubjectSpec, group_jobs, load_manifest
 from .progress import ProgressDisplay
 from .quantize import quantize_task
@@ -38,6 +40,7 @@ from .worker import WorkSettings
 __all__ = ["RunError", "RunReport", "SubmitConfig", "SubmitError", "submit"]
 
 Say = Callable[[str], None]
+VERIFY_THREADS = 32  # finished subjects verified at once on a re-run
 
 
 class RunError(RuntimeError):
@@ -125,12 +128,25 @@ def plan_submit(config: SubmitConfig, say: Say) -> SubmitPlan:
     return plan
 
 
+def _verify_all(plan: SubmitPlan) -> dict[str, Any]:
+    """subject id -> Verdict for every subject, checked VERIFY_THREADS at a time
+    (each check is a few storage round trips; on S3 they wait on the network)."""
+    if not plan.config.resume or plan.base_done is None:
+        return {}
+    fingerprint = plan.base_done["fingerprint"]
+    work = [(s, plan.spec_hashes[job.job_id]) for job in plan.jobs for s in job.subject_ids]
+    with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
+        verdicts = pool.map(lambda item: verify_subject(plan.storage, item[0], fingerprint,
+                                                        item[1]), work)
+        return {subject_id: v for (subject_id, _), v in zip(work, verdicts, strict=True)}
+
+
 def _sort_finished(plan: SubmitPlan, say: Say) -> None:
     """Split the jobs into verified finished subjects (reused) and pending jobs."""
+    verified = _verify_all(plan)
     for job in plan.jobs:
-        if plan.config.resume and plan.base_done is not None:
-            verdicts = [verify_subject(plan.storage, s, plan.base_done["fingerprint"],
-                                       plan.spec_hashes[job.job_id]) for s in job.subject_ids]
+        if verified:
+            verdicts = [verified[s] for s in job.subject_ids]
             if all(v.done for v in verdicts):
                 for subject_id, verdict in zip(job.subject_ids, verdicts, strict=True):
                     plan.reused[subject_id] = verdict.meta or {}
@@ -156,7 +172,11 @@ def run_plan(plan: SubmitPlan, say: Say, err: TextIO,
         dashboard_url = session.dashboard_url()
         say(f"Ray dashboard: {dashboard_url or '(not running)'}")
         ray = session.ray
+        check_output_reachable(ray, plan.storage, config.shared_output)
         resources = _plan_resources(config, ray.cluster_resources(), len(plan.pending))
+        if config.device == "cuda" and not resources["num_gpus"]:
+            raise SubmitError("--device cuda needs GPUs, but the actors get none (the "
+                              "cluster has no GPU, or --num-gpus-per-actor is 0)")
         base_done = _ensure_base(ray, plan, resources, say)
         plan.base["fingerprint"] = base_done["fingerprint"]
         settings = WorkSettings(
@@ -167,7 +187,8 @@ def run_plan(plan: SubmitPlan, say: Say, err: TextIO,
             samples=config.samples, sample_steps=plan.sampling["sample_steps"],
             guidance_scale=plan.sampling["guidance_scale"],
             scales_dtype=config.scales_dtype, min_image_side=config.min_image_side,
-            storage_options=config.storage_options)
+            storage_options=config.storage_options, device=config.device,
+            checkpoint_every=config.checkpoint_every)
         report, interrupted = _run_pool(ray, plan, settings, resources, live_progress, err)
     return RunOutcome(report.results, report.attempts, report.replaced, interrupted,
                       dashboard_url)
@@ -260,6 +281,7 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
     tracker = tracker_actor().options(name=f"tuneqdm-progress-{run_id}").remote()
     remote_cls = finetuner_actor()
     settings_ref = ray.put(settings)
+    photos = PhotoShipper(ray)
 
     def make_actor(name: str):
         return remote_cls.options(name=name, num_cpus=resources["num_cpus"],
@@ -268,7 +290,7 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
 
     def start(actor, job: Job, attempt: int):
         return actor.train.options(name=f"train:{job.job_id}").remote(
-            job.to_dict(), spec_hashes[job.job_id], attempt)
+            job.to_dict(), spec_hashes[job.job_id], attempt, photos.ref(job))
 
     display = ProgressDisplay(len(plan.specs), len(plan.reused), stream=err,
                               live=live_progress)
@@ -289,7 +311,8 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
             if resources["num_gpus"] else f"{resources['num_cpus']:g} CPU")
     err.write(f"starting {resources['actors']} FineTuner actor(s), {kind} each\n")
     pool = ActorPool(make_actor, start, resources["actors"], f"tuneqdm-finetuner-{run_id}",
-                     max_retries=plan.config.max_retries, on_event=display.event,
+                     max_retries=plan.config.max_retries,
+                     on_event=_event_handler(photos, display, err),
                      on_tick=on_tick)
     try:
         pool.run(plan.pending)
@@ -302,6 +325,21 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
         display.close()
         ray.kill(tracker, no_restart=True)
     return pool.report, interrupted
+
+
+def _event_handler(photos: PhotoShipper, display: ProgressDisplay, err: TextIO):
+    """The pool's events: release a finished job's photos, say where a job resumed,
+    and show the rest on the progress display."""
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["event"] == "finished":
+            photos.drop(event["job"])
+            if event["result"].get("resumed_from_step"):
+                err.write(f"resumed  {event['job'].job_id} from its checkpoint at step "
+                          f"{event['result']['resumed_from_step']}\n")
+        display.event(event)
+
+    return on_event
 
 
 def _rows(specs, jobs: list[Job], reused: dict[str, dict[str, Any]],

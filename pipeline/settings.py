@@ -6,7 +6,7 @@ Each default is declared once, by the component that uses it (docs/design.md §5
     training          TrainConfig (tuneqdm/train.py), under the base's recipe
     samples, photos   WorkSettings (pipeline/worker.py), under the base's recipe
     retries           ActorPool (pipeline/scheduler.py)
-    the run itself    SubmitConfig below (output, resume)
+    the run itself    SubmitConfig below (output, resume, shared_output)
 
 A field left None takes, in order: the base model folder's recipe
 (`tuneqdm_recipe.json`, tuneqdm/recipe.py) where it has one, else that default.
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .device import DEVICES
 from .scheduler import ActorPool
 from .store import default_cache_dir
 from .worker import WorkSettings
@@ -81,6 +82,9 @@ class SubmitConfig:
     guidance_scale: float | None = None
     scales_dtype: str = field_default(WorkSettings, "scales_dtype")
     min_image_side: int = field_default(WorkSettings, "min_image_side")
+    device: str = field_default(WorkSettings, "device")
+    checkpoint_every: int = field_default(WorkSettings, "checkpoint_every")
+    shared_output: bool = False
 
     def check(self) -> None:
         """Raise SubmitError for an option outside its range (before anything starts)."""
@@ -97,6 +101,9 @@ class SubmitConfig:
             (self.min_image_side >= 1, "--min-image-side", self.min_image_side, ">= 1"),
             (self.scales_dtype in ("float32", "float16"), "--scales-dtype",
              self.scales_dtype, "float32 or float16"),
+            (self.device in DEVICES, "--device", self.device, " or ".join(DEVICES)),
+            (self.checkpoint_every >= 0, "--checkpoint-every", self.checkpoint_every,
+             ">= 0 (0: no checkpoints)"),
         ]
         for ok, name, value, allowed in checks:
             if not ok:

@@ -13,8 +13,10 @@ to the scheduler.
 from __future__ import annotations
 
 import io
+import os
 import platform
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +25,14 @@ from typing import Any
 
 from tuneqdm.generate import DEFAULT_GUIDANCE
 
+from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from .manifest import Job, SubjectSpec
 from .photos import read_image_bytes
 from .store import Storage, SubjectMeta, write_subject
 
 MAX_LOSS_POINTS = 2000
+EXIT_AT_STEP_ENV = "TUNEQDM_TEST_EXIT_AT_STEP"  # test hook: see _exit_hook
+EXIT_AT_STEP_STATUS = 75
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class WorkSettings:
     train: TrainConfig keyword arguments (steps, lr_scale_out, resolution, ...), or
     lr_scale_out_relative in place of lr_scale_out (tuneqdm/recipe.py); a job's CSV
     overrides are applied on top. samples: sample images per subject (0: none).
+    device: "auto", "cpu" or "cuda" (pipeline/device.py). checkpoint_every: save the
+    scales and optimiser state to storage every K steps (0: never), so a retried job
+    resumes there (pipeline/checkpoint.py).
     """
 
     run_id: str
@@ -50,6 +58,8 @@ class WorkSettings:
     min_image_side: int = 32
     max_image_pixels: int = 50_000_000
     storage_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    checkpoint_every: int = 50
 
 
 def failed(job: Job, reason: str, attempt: int = 1, actor: str = "",
@@ -84,9 +94,11 @@ class _Attempt:
 
 def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: Storage,
               on_step: Callable[[int, float], None] | None = None, attempt: int = 1,
-              actor: str = "") -> dict[str, Any]:
+              actor: str = "", photos: dict[str, bytes] | None = None) -> dict[str, Any]:
     """Train `job` on the loaded quantized `pipe`; write its artefacts; return a result
-    dict (status "done" or "failed" with a reason)."""
+    dict (status "done" or "failed" with a reason). `photos`: {path: bytes} of local
+    photos shipped by the driver (others are read here: s3://, or local paths when
+    train_job is called without Ray)."""
     from tuneqdm.train import TrainingError, finetune
 
     run = _Attempt(job, attempt, actor, time.perf_counter())
@@ -95,32 +107,78 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
     except ValueError as err:
         return run.failed(f"bad training settings: {err}", timed=False)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    subjects = _load_subjects(job, settings, resolution)
+    subjects = _load_subjects(job, settings, resolution, photos or {})
     if isinstance(subjects, str):
         return run.failed(subjects)
+    resumption = _resumption(storage, job, spec_hash, settings)
     try:
-        result = finetune(pipe, subjects, config, on_step=on_step)
+        result = finetune(pipe, subjects, config, on_step=_exit_hook(on_step, attempt),
+                          resumption=resumption)
     except TrainingError as err:
         return run.failed(f"training failed: {err}")
     if result.scale_set is None:
         return run.failed("training returned no scale set", timed=False)
     outputs = _write_outputs(pipe, run, spec_hash, settings, storage, config, result,
                              resolution)
+    remove_checkpoint(storage, job)
     return {"job_id": job.job_id, "subjects": job.subject_ids, "status": "done",
             "reason": "", "attempt": attempt, "actor": actor,
             "seconds": round(time.perf_counter() - run.start, 3),
-            "final_loss": result.final_loss, "steps": len(result.losses), "outputs": outputs}
+            "final_loss": result.final_loss, "steps": len(result.losses), "outputs": outputs,
+            "resumed_from_step": result.extra.get("resumed_from_step", 0)}
 
 
-def _load_subjects(job: Job, settings: WorkSettings, resolution: int) -> list | str:
+def _resumption(storage: Storage, job: Job, spec_hash: str, settings: WorkSettings):
+    """tuneqdm Resumption: the job's checkpoint to go on from (if any), and a writer of
+    new ones every settings.checkpoint_every steps (pipeline/checkpoint.py)."""
+    from tuneqdm.train import Resumption
+
+    if settings.checkpoint_every <= 0:
+        return None
+    fingerprint = settings.base["fingerprint"]
+    state, _why = load_checkpoint(storage, job, spec_hash, fingerprint)
+    if state is not None:
+        print(f"{job.job_id}: resuming from its checkpoint at step {state.step}",
+              file=sys.stderr, flush=True)
+
+    def save(new_state) -> None:
+        save_checkpoint(storage, job, spec_hash, fingerprint, new_state)
+
+    return Resumption(state=state, save=save, every=settings.checkpoint_every)
+
+
+def _exit_hook(on_step: Callable[[int, float], None] | None, attempt: int):
+    """on_step, plus the preemption test hook: with TUNEQDM_TEST_EXIT_AT_STEP=N the
+    process exits (as a preempted node's would) once step N is done, first attempt
+    only."""
+    exit_at = int(os.environ.get(EXIT_AT_STEP_ENV) or 0)
+    if not exit_at or attempt > 1:
+        return on_step
+
+    def hooked(step: int, loss: float) -> None:
+        if on_step is not None:
+            on_step(step, loss)
+        if step + 1 >= exit_at:
+            os._exit(EXIT_AT_STEP_STATUS)
+
+    return hooked
+
+
+def _load_subjects(job: Job, settings: WorkSettings, resolution: int,
+                   photos: dict[str, bytes]) -> list | str:
     """The job's tuneqdm Subjects with their photos loaded, or why they cannot be."""
     from tuneqdm.images import ImageLoadError, load_image
     from tuneqdm.train import Subject
 
+    def read(uri: str) -> bytes:
+        shipped = photos.get(uri)
+        return shipped if shipped is not None else read_image_bytes(
+            uri, settings.storage_options)
+
     try:
         return [
             Subject(spec.subject_id,
-                    [load_image(read_image_bytes(ref.uri, settings.storage_options),
+                    [load_image(read(ref.uri),
                                 name=ref.uri, min_side=settings.min_image_side,
                                 max_pixels=settings.max_image_pixels, shorter_side=resolution)
                      for ref in spec.images],
@@ -168,6 +226,7 @@ def _subject_meta(spec: SubjectSpec, pipe, run: _Attempt, spec_hash: str,
         trainable_numbers=result.trainable_numbers, scales_dtype=settings.scales_dtype,
         sample_count=sample_count, sample_steps=settings.sample_steps,
         sample_guidance_scale=settings.guidance_scale, attempt=run.attempt, actor=run.actor,
+        resumed_from_step=result.extra.get("resumed_from_step") or None,
         host=socket.gethostname(),
         device=str(pipe.unet.device) if hasattr(pipe.unet, "device") else "cpu",
         versions=library_versions(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

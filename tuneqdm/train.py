@@ -22,26 +22,23 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Subject, TrainingData, load_image_folder, prepare_data
+from .data import Subject, TrainingData, TrainingError, class_images, prepare_data
 from .model import enable_timestep_experts, quantized_layers, reset_scales, scale_parameters
 from .scaleset import ScaleSet
+from .trainstate import TrainState
 
 METHODS = ("scales", "full", "lora")
 DEFAULT_LR = {"scales": 3e-6, "full": 5e-6, "lora": 1e-4}
 OPTIMIZERS = ("adamw", "adamw8bit")
 
-__all__ = ["Subject", "TrainConfig", "TrainResult", "TrainingError", "finetune"]
-
-
-class TrainingError(ValueError):
-    """Training could not go on: non-finite loss, or unusable data."""
+__all__ = ["Resumption", "Subject", "TrainConfig", "TrainResult", "TrainState", "TrainingError",
+           "finetune"]
 
 
 @dataclass(frozen=True)
@@ -123,26 +120,43 @@ class TrainResult:
         return float(sum(tail) / len(tail))
 
 
+@dataclass(frozen=True)
+class Resumption:
+    """Stop-and-go hooks of a training run.
+
+    state: a TrainState to go on from (its step, scales, optimiser and generator);
+    save: called with the run's TrainState after every `every` steps (not after the
+    last one; every 0: never), e.g. to checkpoint it to storage.
+    """
+
+    state: TrainState | None = None
+    save: Callable[[TrainState], None] | None = None
+    every: int = 0
+
+
 def finetune(
     pipe,
     subjects: list[Subject],
     config: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
+    resumption: Resumption | None = None,
 ) -> TrainResult:
     """Fine-tune `pipe.unet` on `subjects` (trained jointly when there are several).
 
     For method "scales" the UNet must be quantized; its scales are reset to (s0, 1)
     first, so one loaded base can train many subjects in turn. Returns the losses
     and, for "scales", a ScaleSet with the subjects' ids, tokens and class nouns.
+    `resumption` goes on from a saved state and saves it every K steps (Resumption);
+    the result's extra["resumed_from_step"] says where it went on from.
     """
     if not subjects:
         raise TrainingError("finetune needs at least one subject")
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    class_images = _class_images(pipe, subjects, config, resolution)
-    data = prepare_data(pipe, subjects, resolution, class_images)
+    priors = class_images(pipe, subjects, config, resolution)
+    data = prepare_data(pipe, subjects, resolution, priors)
     unet = pipe.unet
     groups = _parameter_groups(unet, config)
-    result = train_unet(unet, pipe.scheduler, data, config, groups, on_step)
+    result = train_unet(unet, pipe.scheduler, data, config, groups, on_step, resumption)
     if config.method == "scales":
         result.scale_set = ScaleSet.from_model(
             unet,
@@ -160,18 +174,31 @@ def train_unet(
     config: TrainConfig,
     groups: list[dict[str, Any]],
     on_step: Callable[[int, float], None] | None = None,
+    resumption: Resumption | None = None,
 ) -> TrainResult:
-    """The loop: AdamW over `groups`, constant lr, gradient clipping, seeded."""
+    """The loop: AdamW over `groups`, constant lr, gradient clipping, seeded; going on
+    from `resumption.state` and saving through `resumption.save` (Resumption)."""
+    resumption = resumption or Resumption()
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(groups, config.optimizer)
+    losses: list[float] = []
+    first = 0
+    if resumption.state is not None:
+        if resumption.state.step >= config.steps:
+            raise TrainingError(f"train state at step {resumption.state.step} is past the "
+                                f"run's {config.steps} steps")
+        try:
+            resumption.state.restore(params, optimizer, generator)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+        first, losses = resumption.state.step, list(resumption.state.losses)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    losses: list[float] = []
     start = time.perf_counter()
     try:
-        for step in range(config.steps):
+        for step in range(first, config.steps):
             loss = training_loss(unet, scheduler, data, config, generator)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step}")
@@ -182,6 +209,10 @@ def train_unet(
             losses.append(loss.item())
             if on_step is not None:
                 on_step(step, losses[-1])
+            done = step + 1
+            if resumption.save and resumption.every and done % resumption.every == 0 \
+                    and done < config.steps:
+                resumption.save(TrainState.capture(done, params, optimizer, generator, losses))
     finally:
         unet.eval()
         if config.gradient_checkpointing:
@@ -192,6 +223,7 @@ def train_unet(
         losses=losses,
         seconds=time.perf_counter() - start,
         trainable_numbers=sum(p.numel() for p in params),
+        extra={"resumed_from_step": first},
     )
 
 
@@ -348,46 +380,3 @@ def mean_scale0(unet: nn.Module) -> float:
 def default_lr_scale_in(unet: nn.Module, lr_scale_out: float) -> float:
     """lr_scale_out / mean(s0): the same relative step for s_in (init 1) as for s_out."""
     return lr_scale_out / max(mean_scale0(unet), 1e-12)
-
-
-def _class_images(
-    pipe, subjects: list[Subject], config: TrainConfig, resolution: int
-) -> list[list] | None:
-    """Per subject, its prior-preservation images: from a folder, or generated by the
-    (untuned) pipeline once and cached as PNGs."""
-    if not config.prior_preservation:
-        return None
-    if config.class_images_dir:
-        images = load_image_folder(config.class_images_dir)
-        if not images:
-            raise TrainingError(f"class_images_dir {config.class_images_dir} has no images")
-        return [images for _ in subjects]
-    from .generate import generate
-
-    result = []
-    for subject in subjects:
-        cache = None
-        if config.class_images_cache:
-            slug = "".join(c if c.isalnum() else "_" for c in subject.class_prompt_text)
-            cache = Path(config.class_images_cache) / f"{slug}_{resolution}px"
-            if cache.is_dir():
-                cached = load_image_folder(cache, min_side=1)  # our own, any size
-                if len(cached) >= config.num_class_images:
-                    result.append(cached[: config.num_class_images])
-                    continue
-        if quantized_layers(pipe.unet):
-            reset_scales(pipe.unet)
-        images = generate(
-            pipe,
-            [subject.class_prompt_text] * config.num_class_images,
-            seed=[config.seed + i for i in range(config.num_class_images)],
-            num_inference_steps=config.class_image_steps,
-            height=resolution,
-            width=resolution,
-        )
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(images):
-                image.save(cache / f"{i:04d}.png")
-        result.append(images)
-    return result

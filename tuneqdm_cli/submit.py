@@ -71,6 +71,15 @@ def _lr_in_default(_: Any) -> str:
 @click.option("--cpus-per-actor", type=float, default=None,
               help="CPUs per actor; its torch threads (default 1 with GPUs, else all up to 8).")
 @storage_option
+@click.option("--shared-output", is_flag=True, default=None,
+              help="Declare a local --output folder mounted on every node at the same "
+                   "path (NFS, say). Without it a local --output is refused on a "
+                   "multi-node cluster; use s3:// there.")
+@config_option("--device", type=click.Choice(["auto", "cpu", "cuda"]), source=WORK,
+               help="Where actors compute: auto (their GPU if they have one), cpu, cuda.")
+@config_option("--checkpoint-every", type=int, source=WORK,
+               help="Save scales and optimiser state to storage every K steps, so a "
+                    "retried subject resumes there (0: never).")
 @config_option("--resume/--no-resume", source=SUBMIT,
                show=lambda on: "resume" if on else "no-resume",
                help="Skip subjects whose artefacts are finished and verified.")

@@ -63,6 +63,7 @@ class SubjectMeta:
     started_unix: float | None = None  # the attempt's start and end (before writing its
     finished_unix: float | None = None  # files), seconds since the epoch: utilisation
     imported_from: dict[str, Any] | None = None  # `import-reference`: the checkpoint
+    resumed_from_step: int | None = None  # went on from a training checkpoint there
 
     @property
     def instance_prompt(self) -> str:
@@ -95,9 +96,18 @@ class SubjectMeta:
             "attempt": self.attempt, "actor": self.actor, "host": self.host,
             "device": self.device, "versions": dict(self.versions),
             "finished_at": self.finished_at,
-        } | ({"started_unix": self.started_unix, "finished_unix": self.finished_unix}
-             if self.started_unix is not None else {}
-             ) | ({"imported_from": dict(self.imported_from)} if self.imported_from else {})
+        } | self._optional()
+
+    def _optional(self) -> dict[str, Any]:
+        """Keys written only when set, so earlier subjects' meta.json bytes stay as they were."""
+        extra: dict[str, Any] = {}
+        if self.started_unix is not None:
+            extra |= {"started_unix": self.started_unix, "finished_unix": self.finished_unix}
+        if self.imported_from:
+            extra["imported_from"] = dict(self.imported_from)
+        if self.resumed_from_step:
+            extra["resumed_from_step"] = self.resumed_from_step
+        return extra
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], subject_id: str | None = None) -> SubjectMeta:
@@ -135,6 +145,7 @@ class SubjectMeta:
                 started_unix=_opt_float(data.get("started_unix")),
                 finished_unix=_opt_float(data.get("finished_unix")),
                 imported_from=data.get("imported_from"),
+                resumed_from_step=_opt_int(data.get("resumed_from_step")),
             )
         except (AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"meta.json is malformed: {err}") from None

@@ -95,3 +95,11 @@ def test_a_driver_inside_a_job_connects_and_its_workers_get_every_setting(ray_se
     assert "old: refused: True" in lines
     assert 'new: {"HF_HUB_OFFLINE": "1", "AWS_DEFAULT_REGION": "eu-west-1"}' in lines
     assert "connected after exit: False" in lines
+
+
+def test_a_job_driver_without_address_joins_the_jobs_cluster():
+    inside = {**ENV, JOB_CONFIG_ENV: _job({"HF_HUB_OFFLINE": "1"})}
+    kwargs = init_kwargs(None, environ=inside)
+    assert kwargs["address"] == "auto"  # not a fresh local Ray on the head
+    assert "num_cpus" not in kwargs and "object_store_memory" not in kwargs
+    assert init_kwargs(None, environ=ENV)["address"] == "local"
