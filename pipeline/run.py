@@ -17,6 +17,7 @@ work (docs/design.md §3):
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sys
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .deadline import SubjectDeadline
 from .manifest import Job, SubjectSpec, group_jobs, load_manifest
 from .progress import ProgressDisplay
 from .quantize import quantize_task
@@ -68,6 +70,8 @@ class RunOutcome:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)
+    shrunk: list[str] = field(default_factory=list)
+    timed_out: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
     dashboard_url: str | None = None
 
@@ -169,8 +173,8 @@ def run_plan(plan: SubmitPlan, say: Say, err: TextIO,
             scales_dtype=config.scales_dtype, min_image_side=config.min_image_side,
             storage_options=config.storage_options)
         report, interrupted = _run_pool(ray, plan, settings, resources, live_progress, err)
-    return RunOutcome(report.results, report.attempts, report.replaced, interrupted,
-                      dashboard_url)
+    return RunOutcome(report.results, report.attempts, report.replaced, report.shrunk,
+                      report.timed_out, interrupted, dashboard_url)
 
 
 def _ensure_base(ray, plan: SubmitPlan, resources: dict[str, Any], say: Say) -> dict[str, Any]:
@@ -212,6 +216,8 @@ def report_run(plan: SubmitPlan, outcome: RunOutcome, out: TextIO, say: Say) -> 
         "train": plan.train,
         "counts": counts(rows),
         "actors_replaced": outcome.replaced,
+        "actors_dropped": outcome.shrunk,
+        "timed_out": outcome.timed_out,
         "interrupted": outcome.interrupted,
         "dashboard_url": outcome.dashboard_url,
         "subjects": rows,
@@ -257,13 +263,14 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
     from .scheduler import ActorPool
 
     run_id, storage, spec_hashes = plan.run_id, plan.storage, plan.spec_hashes
-    tracker = tracker_actor().options(name=f"tuneqdm-progress-{run_id}").remote()
+    tracker = tracker_actor().options(name=f"tuneqdm-progress-{run_id}").remote(run_id)
     remote_cls = finetuner_actor()
     settings_ref = ray.put(settings)
+    extra = _hook_runtime_env()
 
     def make_actor(name: str):
         return remote_cls.options(name=name, num_cpus=resources["num_cpus"],
-                                  num_gpus=resources["num_gpus"]).remote(
+                                  num_gpus=resources["num_gpus"], **extra).remote(
             name, storage, settings_ref, resources["threads"], tracker)
 
     def start(actor, job: Job, attempt: int):
@@ -288,9 +295,12 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
     kind = (f"{resources['num_gpus']:g} GPU + {resources['num_cpus']:g} CPU"
             if resources["num_gpus"] else f"{resources['num_cpus']:g} CPU")
     err.write(f"starting {resources['actors']} FineTuner actor(s), {kind} each\n")
+    deadline = SubjectDeadline(plan.train, plan.config.subject_timeout)
     pool = ActorPool(make_actor, start, resources["actors"], f"tuneqdm-finetuner-{run_id}",
-                     max_retries=plan.config.max_retries, on_event=display.event,
-                     on_tick=on_tick)
+                     max_retries=plan.config.max_retries,
+                     on_event=_event_sink(display, deadline, tracker),
+                     on_tick=on_tick, schedule_timeout_s=plan.config.schedule_timeout,
+                     subject_timeout=deadline, demand=kind)
     try:
         pool.run(plan.pending)
     except KeyboardInterrupt:
@@ -302,6 +312,37 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
         display.close()
         ray.kill(tracker, no_restart=True)
     return pool.report, interrupted
+
+
+def _hook_runtime_env() -> dict[str, Any]:
+    """The TUNEQDM_TEST_HANG test hook, passed to the actors when the driver has it
+    and an enclosing Ray job does not already give it to every worker."""
+    import os
+
+    from .actors import TEST_HANG_ENV
+    from .ray_session import job_env_vars
+
+    value = os.environ.get(TEST_HANG_ENV)
+    if not value or TEST_HANG_ENV in job_env_vars(os.environ):
+        return {}
+    return {"runtime_env": {"env_vars": {TEST_HANG_ENV: value}}}
+
+
+def _event_sink(display: ProgressDisplay, deadline: SubjectDeadline, tracker: Any):
+    """The pool's events to the progress display, the derived deadline (step times of
+    finished tries) and the tracker's metrics (running, retried)."""
+
+    def on_event(event: dict[str, Any]) -> None:
+        display.event(event)
+        if event["event"] == "finished":
+            deadline.observe(event["result"])
+        if event["event"] in ("started", "finished", "retry"):
+            running = sum(display.members.get(j, 1) for j in display.running)
+            retried = len(event["job"].subjects) if event["event"] == "retry" else 0
+            with contextlib.suppress(Exception):
+                tracker.count.remote(running, retried)
+
+    return on_event
 
 
 def _rows(specs, jobs: list[Job], reused: dict[str, dict[str, Any]],

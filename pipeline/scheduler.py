@@ -58,13 +58,12 @@ class _Slot:
 
 @dataclass
 class _Call:
-    """One job in flight on one actor, with its deadline (time.monotonic)."""
+    """One job in flight on one actor, started at `started` (time.monotonic)."""
 
     slot: _Slot
     job: Job
     attempt: int
-    deadline: float
-    timeout_s: float | None
+    started: float
 
 
 @dataclass
@@ -203,11 +202,9 @@ class ActorPool:
     def _give(self, slot: _Slot, job: Job) -> None:
         attempt = self.report.attempts.get(job.job_id, 0) + 1
         self.report.attempts[job.job_id] = attempt
-        timeout_s = self._timeout_for(job)
-        deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
         ref = self.start(slot.actor, job, attempt)
         slot.busy = True
-        self._in_flight[ref] = _Call(slot, job, attempt, deadline, timeout_s)
+        self._in_flight[ref] = _Call(slot, job, attempt, time.monotonic())
         self.on_event({"event": "started", "job": job, "actor": slot.name,
                        "attempt": attempt})
 
@@ -286,16 +283,18 @@ class ActorPool:
         self._finish(call.job, call.attempt, call.slot.name, result)
 
     def _check_deadlines(self) -> None:
-        """A try past its deadline: kill its actor (hung, not crashed) and retry."""
+        """A try past its deadline: kill its actor (hung, not crashed) and retry. The
+        deadline is asked anew on every tick, so a derived one can follow measurements."""
         now = time.monotonic()
         for ref, call in list(self._in_flight.items()):
-            if now < call.deadline:
+            timeout_s = self._timeout_for(call.job)
+            if not timeout_s or now - call.started < timeout_s:
                 continue
             del self._in_flight[ref]
             call.slot.busy = False
             jid = call.job.job_id
             self.report.timed_out[jid] = self.report.timed_out.get(jid, 0) + 1
-            self._actor_died(call, f"timed out after {call.timeout_s:g} s", timed_out=True)
+            self._actor_died(call, f"timed out after {timeout_s:g} s", timed_out=True)
 
     def _actor_died(self, call: _Call, reason: str, timed_out: bool = False) -> None:
         """Replace the actor; requeue the job, or fail it after max_retries deaths."""
