@@ -16,8 +16,9 @@ queued jobs go to live idle actors before any successor is started. Failures:
 - a try that outlives `subject_timeout` (a hung actor) is handled as a death: the
   actor is killed and the job retried; out of retries, it fails with the reason
   "timed out after N s (K attempt(s))";
-- an actor not ready within `schedule_timeout_s` (its node died, or another actor
-  holds the GPU it needs) is dropped and the pool shrinks; if no actor is left the
+- an actor not ready within `schedule_timeout_s` and not placed on any node (its
+  node died, or another actor holds the GPU it needs) is dropped and the pool shrinks
+  (one still constructing on a node gets another window); if no actor is left the
   queued jobs fail with a reason naming the resources an actor needs and those free.
 
 An actor that fails in its constructor (its base cannot load, say) is replaced too,
@@ -241,6 +242,9 @@ class ActorPool:
         for slot in self.slots:
             if slot.ready_ref is None or now - slot.since < self.schedule_timeout_s:
                 continue
+            if _placed(slot.actor):  # on a node, still constructing: another window
+                slot.since = now
+                continue
             self._starting.pop(slot.ready_ref, None)
             slot.ready_ref = None
             self._retire(slot)
@@ -338,6 +342,18 @@ class ActorPool:
             with contextlib.suppress(Exception):
                 ray.kill(slot.actor, no_restart=True)
         slot.actor, slot.ready_ref = None, None
+
+
+def _placed(actor: Any) -> bool:
+    """Whether Ray has placed `actor` on a node (it has a process there), so it is
+    constructing rather than waiting for resources; False if that cannot be told."""
+    try:
+        from ray.util.state import get_actor
+
+        state = get_actor(actor._actor_id.hex(), timeout=10)
+    except Exception:
+        return False
+    return bool(state is not None and state.pid and state.state != "DEAD")
 
 
 def _failed(job: Job, attempt: int, actor: str, reason: str) -> dict[str, Any]:
