@@ -70,7 +70,8 @@ def test_a_worker_node_killed_mid_run_loses_no_subject(cluster, s3_endpoint, tin
     manifest = _upload_run(s3_endpoint, "node-kill", tmp_path)
     output = "s3://node-kill/out"
     job = cluster.submit_job(
-        _entrypoint(manifest, output, tiny_base, s3_endpoint, "--schedule-timeout", "60", "--address", "auto"),
+        _entrypoint(manifest, output, tiny_base, s3_endpoint, "--schedule-timeout", "60",
+                    "--address", "auto"),
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     # kill a worker node once the first subject is done and the others are training
     status, logs = cluster.wait_job(job, timeout_s=240,
