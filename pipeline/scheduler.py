@@ -303,17 +303,18 @@ class ActorPool:
     def _actor_died(self, call: _Call, reason: str, timed_out: bool = False) -> None:
         """Replace the actor; requeue the job, or fail it after max_retries deaths."""
         job, attempt, slot = call.job, call.attempt, call.slot
+        died_on = slot.name
         self._replace(slot, reason)
         if attempt <= self.max_retries:
-            self.on_event({"event": "retry", "job": job, "actor": slot.name,
+            self.on_event({"event": "retry", "job": job, "actor": died_on,
                            "attempt": attempt, "reason": reason})
             self._queue.appendleft(job)
         elif timed_out:
-            self._finish(job, attempt, slot.name, _failed(
-                job, attempt, slot.name, f"{reason} ({attempt} attempt(s))"))
+            self._finish(job, attempt, died_on, _failed(
+                job, attempt, died_on, f"{reason} ({attempt} attempt(s))"))
         else:
-            self._finish(job, attempt, slot.name, _failed(
-                job, attempt, slot.name,
+            self._finish(job, attempt, died_on, _failed(
+                job, attempt, died_on,
                 f"actor died {attempt} time(s) while training it (last: {reason})"))
 
     def shutdown(self) -> None:

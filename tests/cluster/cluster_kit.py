@@ -67,12 +67,14 @@ class Node:
     gpus: int = 0
     cpus: int = 0
     metrics_port: int = 0  # the node's metrics agent: http://<ip>:<port>/metrics
+    killed: bool = False   # killed on purpose (a test's node loss), not a failure
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def kill(self) -> None:
         """SIGKILL the node's whole process group (raylet, workers, agents)."""
+        self.killed = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -172,7 +174,7 @@ class LocalCluster:
         nodes: list[dict] = []
         while time.monotonic() < deadline:
             for node in [self.head, *self.workers]:
-                if node is not None and not node.alive():
+                if node is not None and not node.killed and not node.alive():
                     raise RuntimeError(f"node {node.ip} exited: {node.log.read_text()[-2000:]}")
             with contextlib.suppress(OSError, ValueError):
                 nodes = [n for n in self.nodes() if n["state"] == "ALIVE"]
