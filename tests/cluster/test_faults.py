@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "pipeline"))
 from pipeline_testkit import copy_photos  # noqa: E402
 
-SUBJECTS = ("dog", "cat", "teapot", "backpack", "clock", "robot")
+SUBJECTS = ("dog", "cat", "teapot", "backpack", "clock")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _upload_run(endpoint: str, bucket: str, tmp_path: Path) -> str:
 
 def _entrypoint(manifest: str, output: str, base: str, endpoint: str, *extra: str) -> str:
     return " ".join([sys.executable, "-m", "tuneqdm_cli", "submit", manifest,
-                     "--output", output, "--base-model", base, "--steps", "40",
+                     "--output", output, "--base-model", base, "--steps", "24",
                      "--lr-scale-out", "1e-3", "--samples", "0", "--cpus-per-actor", "1",
                      "--storage-option", f"endpoint_url={endpoint}",
                      "--storage-option", "client_kwargs.region_name=us-east-1", *extra])
@@ -80,6 +80,8 @@ def test_a_worker_node_killed_mid_run_loses_no_subject(cluster, s3_endpoint, tin
     victim = cluster.workers[0]
     killed_at = time.monotonic()
     victim.kill()
+    cluster.wait_job(job, timeout_s=240, until=lambda text: "(attempt 2)" in text)
+    recovered_at = time.monotonic()  # the lost subject started again on a live actor
     status, logs = cluster.wait_job(job, timeout_s=240)  # bounded: no hang
     ended_at = time.monotonic()
     assert status == "SUCCEEDED", logs[-4000:]
@@ -92,7 +94,8 @@ def test_a_worker_node_killed_mid_run_loses_no_subject(cluster, s3_endpoint, tin
     assert summary["actors_replaced"]
     retry_lines = [line for line in logs.splitlines() if line.startswith("retry    ")]
     assert retry_lines
-    print(f"\nnode kill: job ended {ended_at - killed_at:.1f} s after the kill; "
+    print(f"\nnode kill: lost subject restarted {recovered_at - killed_at:.1f} s and the "
+          f"job ended {ended_at - killed_at:.1f} s after the kill; "
           f"retried {retried}; replaced {summary['actors_replaced']}; "
           f"dropped {summary['actors_dropped']}; run {summary['seconds']} s")
 
