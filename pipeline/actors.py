@@ -21,6 +21,25 @@ from .store import Storage, local_base_path
 from .worker import WorkSettings, failed, train_job
 
 PROGRESS_INTERVAL_S = 0.5
+# Test hook: "subject_id:seconds[,subject_id:seconds]" makes the FineTuner sleep that
+# long before training a job holding that subject (a hung actor, for --subject-timeout).
+TEST_HANG_ENV = "TUNEQDM_TEST_HANG"
+
+
+def hook_hang_seconds(job: Job, environ: dict[str, str] | None = None) -> float:
+    """Seconds the TUNEQDM_TEST_HANG hook asks this job to sleep (0 without it)."""
+    raw = (os.environ if environ is None else environ).get(TEST_HANG_ENV, "")
+    total = 0.0
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        subject, _, seconds = item.rpartition(":")
+        try:
+            value = float(seconds)
+        except ValueError:
+            raise ValueError(f"{TEST_HANG_ENV}={raw!r} is invalid: expected "
+                             "subject_id:seconds[,subject_id:seconds]") from None
+        if subject in job.subject_ids:
+            total += value
+    return total
 
 
 class FineTuner:
@@ -65,6 +84,7 @@ class FineTuner:
         total = int({**self.settings.train, **job.overrides}.get("steps", 0))
         state = {"last": 0.0, "start": time.perf_counter()}
         self._report(job, 0, total, None)
+        time.sleep(hook_hang_seconds(job))
 
         def on_step(step: int, loss: float) -> None:
             now = time.perf_counter()
@@ -92,10 +112,32 @@ class FineTuner:
 
 
 class ProgressTracker:
-    """job_id -> latest {actor, pid, step, total, loss, time}; read by the driver."""
+    """job_id -> latest {actor, pid, step, total, loss, time}; read by the driver.
 
-    def __init__(self) -> None:
+    It also exports the driver's view as Ray metrics (Prometheus, on the metrics
+    endpoint of the tracker's node): tuneqdm_subjects_retried (counter) and
+    tuneqdm_subjects_running (gauge), tagged with the run id."""
+
+    def __init__(self, run_id: str = "") -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
+        self.run_tags = {"run": run_id}
+        self.retried = self.running = None
+        with contextlib.suppress(Exception):
+            from ray.util import metrics
+
+            self.retried = metrics.Counter(
+                "tuneqdm_subjects_retried", "Subjects retried after their actor died or "
+                "timed out.", tag_keys=("run",))
+            self.running = metrics.Gauge(
+                "tuneqdm_subjects_running", "Subjects being trained now.", tag_keys=("run",))
+
+    def count(self, running: int, retried: int = 0) -> None:
+        """The driver's tally: subjects running now, and `retried` more retries."""
+        with contextlib.suppress(Exception):
+            if self.running is not None:
+                self.running.set(running, tags=self.run_tags)
+            if self.retried is not None and retried:
+                self.retried.inc(retried, tags=self.run_tags)
 
     def update(self, job_id: str, actor: str, pid: int, step: int, total: int,
                loss: float | None) -> None:
@@ -164,3 +206,14 @@ def tracker_actor():
     import ray
 
     return ray.remote(num_cpus=0)(ProgressTracker)
+
+
+def hook_runtime_env() -> dict[str, Any]:
+    """The TUNEQDM_TEST_HANG test hook, passed to the actors when the driver has it
+    and an enclosing Ray job does not already give it to every worker."""
+    from .ray_session import job_env_vars
+
+    value = os.environ.get(TEST_HANG_ENV)
+    if not value or TEST_HANG_ENV in job_env_vars(os.environ):
+        return {}
+    return {"runtime_env": {"env_vars": {TEST_HANG_ENV: value}}}

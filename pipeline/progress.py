@@ -67,10 +67,14 @@ class ProgressDisplay:
         elif kind == "retry":
             self.running.pop(job.job_id, None)
             self.steps.pop(job.job_id, None)
-            self._print(f"retry    {job.job_id}: actor {event['actor']} died "
+            what = "hung" if event["reason"].startswith("timed out") else "died"
+            self._print(f"retry    {job.job_id}: actor {event['actor']} {what} "
                         f"(attempt {event['attempt']}): {event['reason'][:160]}")
         elif kind == "replaced":
             self._print(f"actor    {event['actor']} replaced by {event['new_actor']}")
+        elif kind == "shrunk":
+            self._print(f"actor    {event['actor']} dropped ({event['reason']}); "
+                        f"{event['actors_left']} actor(s) left")
         self.redraw()
 
     def update_steps(self, snapshot: dict[str, dict[str, Any]]) -> None:

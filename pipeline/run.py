@@ -17,6 +17,7 @@ work (docs/design.md §3):
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sys
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .cluster import PhotoShipper, check_output_reachable
+from .deadline import SubjectDeadline
 from .manifest import Job, SubjectSpec, group_jobs, load_manifest
 from .progress import ProgressDisplay
 from .quantize import quantize_task
@@ -71,6 +73,8 @@ class RunOutcome:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)
+    shrunk: list[str] = field(default_factory=list)
+    timed_out: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
     dashboard_url: str | None = None
 
@@ -190,8 +194,8 @@ def run_plan(plan: SubmitPlan, say: Say, err: TextIO,
             storage_options=config.storage_options, device=config.device,
             checkpoint_every=config.checkpoint_every)
         report, interrupted = _run_pool(ray, plan, settings, resources, live_progress, err)
-    return RunOutcome(report.results, report.attempts, report.replaced, interrupted,
-                      dashboard_url)
+    return RunOutcome(report.results, report.attempts, report.replaced, report.shrunk,
+                      report.timed_out, interrupted, dashboard_url)
 
 
 def _ensure_base(ray, plan: SubmitPlan, resources: dict[str, Any], say: Say) -> dict[str, Any]:
@@ -233,6 +237,8 @@ def report_run(plan: SubmitPlan, outcome: RunOutcome, out: TextIO, say: Say) -> 
         "train": plan.train,
         "counts": counts(rows),
         "actors_replaced": outcome.replaced,
+        "actors_dropped": outcome.shrunk,
+        "timed_out": outcome.timed_out,
         "interrupted": outcome.interrupted,
         "dashboard_url": outcome.dashboard_url,
         "subjects": rows,
@@ -274,18 +280,19 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
               live_progress: bool | None, err: TextIO):
     """The pending jobs on a pool of FineTuner actors, with a live progress line.
     Returns (PoolReport, interrupted)."""
-    from .actors import finetuner_actor, tracker_actor
+    from .actors import finetuner_actor, hook_runtime_env, tracker_actor
     from .scheduler import ActorPool
 
     run_id, storage, spec_hashes = plan.run_id, plan.storage, plan.spec_hashes
-    tracker = tracker_actor().options(name=f"tuneqdm-progress-{run_id}").remote()
+    tracker = tracker_actor().options(name=f"tuneqdm-progress-{run_id}").remote(run_id)
     remote_cls = finetuner_actor()
     settings_ref = ray.put(settings)
     photos = PhotoShipper(ray)
+    extra = hook_runtime_env()
 
     def make_actor(name: str):
         return remote_cls.options(name=name, num_cpus=resources["num_cpus"],
-                                  num_gpus=resources["num_gpus"]).remote(
+                                  num_gpus=resources["num_gpus"], **extra).remote(
             name, storage, settings_ref, resources["threads"], tracker)
 
     def start(actor, job: Job, attempt: int):
@@ -310,10 +317,12 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
     kind = (f"{resources['num_gpus']:g} GPU + {resources['num_cpus']:g} CPU"
             if resources["num_gpus"] else f"{resources['num_cpus']:g} CPU")
     err.write(f"starting {resources['actors']} FineTuner actor(s), {kind} each\n")
+    deadline = SubjectDeadline(plan.train, plan.config.subject_timeout)
     pool = ActorPool(make_actor, start, resources["actors"], f"tuneqdm-finetuner-{run_id}",
                      max_retries=plan.config.max_retries,
-                     on_event=_event_handler(photos, display, err),
-                     on_tick=on_tick)
+                     on_event=_event_sink(photos, display, deadline, tracker, err),
+                     on_tick=on_tick, schedule_timeout_s=plan.config.schedule_timeout,
+                     subject_timeout=deadline, demand=kind)
     try:
         pool.run(plan.pending)
     except KeyboardInterrupt:
@@ -327,17 +336,25 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
     return pool.report, interrupted
 
 
-def _event_handler(photos: PhotoShipper, display: ProgressDisplay, err: TextIO):
-    """The pool's events: release a finished job's photos, say where a job resumed,
-    and show the rest on the progress display."""
+def _event_sink(photos: PhotoShipper, display: ProgressDisplay, deadline: SubjectDeadline,
+                tracker: Any, err: TextIO):
+    """The pool's events: release a finished job's photos, say where a job resumed, feed
+    the derived deadline (step times of finished tries) and the tracker's metrics
+    (running, retried), and show them on the progress display."""
 
     def on_event(event: dict[str, Any]) -> None:
+        display.event(event)
         if event["event"] == "finished":
             photos.drop(event["job"])
+            deadline.observe(event["result"])
             if event["result"].get("resumed_from_step"):
                 err.write(f"resumed  {event['job'].job_id} from its checkpoint at step "
                           f"{event['result']['resumed_from_step']}\n")
-        display.event(event)
+        if event["event"] in ("started", "finished", "retry"):
+            running = sum(display.members.get(j, 1) for j in display.running)
+            retried = len(event["job"].subjects) if event["event"] == "retry" else 0
+            with contextlib.suppress(Exception):
+                tracker.count.remote(running, retried)
 
     return on_event
 

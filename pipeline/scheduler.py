@@ -3,17 +3,27 @@
 The driver keeps one outstanding call per actor and waits on all of them together
 (`ray.wait(..., num_returns=1)`), so a fast actor takes the next job as soon as it
 finishes and slow jobs do not hold up the rest (Ray's "don't ray.get in a loop"
-pattern). Failures are split in two:
+pattern). A job goes only to a live actor: a new actor first answers a trivial
+readiness call (`__ray_ready__`, which returns once its constructor has run), and
+queued jobs go to live idle actors before any successor is started. Failures:
 
 - the job's own failure (bad photo, NaN loss) comes back as a result with status
   "failed" from the actor, which stays alive and takes the next job;
 - the actor's death (process killed, OOM, node lost: `RayActorError`,
   `WorkerCrashedError`, ...) kills and replaces that actor, and the job goes back to
-  the front of the queue, at most `max_retries` times.
+  the front of the queue, at most `max_retries` times; the successor is started only
+  if no live actor is idle when the job's turn comes;
+- a try that outlives `subject_timeout` (a hung actor) is handled as a death: the
+  actor is killed and the job retried; out of retries, it fails with the reason
+  "timed out after N s (K attempt(s))";
+- an actor not ready within `schedule_timeout_s` and not placed on any node (its
+  node died, or another actor holds the GPU it needs) is dropped and the pool shrinks
+  (one still constructing on a node gets another window); if no actor is left the
+  queued jobs fail with a reason naming the resources an actor needs and those free.
 
 An actor that fails in its constructor (its base cannot load, say) is replaced too,
-without counting against the job; after `max_start_failures` constructor failures
-in a row with no success in between, the remaining jobs fail with that error.
+without counting against any job; after `max_start_failures` start failures in a row
+with no success in between, the remaining jobs fail with that error.
 
 The scheduler knows nothing of training: `make_actor(name)` builds an actor and
 `start(actor, job, attempt)` returns an ObjectRef of the job's result dict, so the
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,16 +52,33 @@ class _Slot:
     name: str
     actor: Any
     busy: bool = False
+    ready_ref: Any = None    # the actor's readiness call while it is being scheduled
+    since: float = 0.0       # when the actor was created (time.monotonic)
+    retired: bool = False    # could not be scheduled: the pool shrank by this slot
+
+
+@dataclass
+class _Call:
+    """One job in flight on one actor, started at `started` (time.monotonic)."""
+
+    slot: _Slot
+    job: Job
+    attempt: int
+    started: float
 
 
 @dataclass
 class PoolReport:
     """results: job_id -> result dict; attempts: job_id -> tries used;
-    replaced: names of actors that died and were replaced."""
+    replaced: names of actors that died and were replaced; shrunk: names of actors
+    dropped because they could not be scheduled; timed_out: job_id -> tries that hit
+    the subject deadline."""
 
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     replaced: list[str] = field(default_factory=list)
+    shrunk: list[str] = field(default_factory=list)
+    timed_out: dict[str, int] = field(default_factory=dict)
 
 
 def actor_crash_types() -> tuple[type[BaseException], ...]:
@@ -61,20 +89,35 @@ def actor_crash_types() -> tuple[type[BaseException], ...]:
             rex.OutOfMemoryError, rex.LocalRayletDiedError, rex.ObjectLostError)
 
 
+def _ray_ready(actor: Any) -> Any:
+    return actor.__ray_ready__.remote()  # every Ray actor has it; returns once constructed
+
+
+Timeout = float | Callable[[Job], float | None] | None
+
+
 class ActorPool:
-    """Runs `jobs` on `size` actors with bounded retries; see the module docstring."""
+    """Runs `jobs` on `size` actors with bounded retries; see the module docstring.
+
+    schedule_timeout_s: how long a new actor may take to be scheduled and constructed;
+    subject_timeout: seconds one try of a job may take (a number, a function of the
+    job, or None for no deadline); demand: the actor's resources, for messages."""
 
     def __init__(self, make_actor: Callable[[str], Any],
                  start: Callable[[Any, Job, int], Any], size: int, name_prefix: str,
                  max_retries: int = 2, max_start_failures: int | None = None,
                  on_event: Callable[[Event], None] | None = None,
-                 on_tick: Callable[[], None] | None = None, tick_s: float = 0.5) -> None:
+                 on_tick: Callable[[], None] | None = None, tick_s: float = 0.5,
+                 schedule_timeout_s: float = 600.0, subject_timeout: Timeout = None,
+                 ready: Callable[[Any], Any] = _ray_ready, demand: str = "") -> None:
         if size < 1:
             raise ValueError(f"actor pool size {size} is invalid: must be >= 1")
         if max_retries < 0:
             raise ValueError(f"max_retries={max_retries} is invalid: must be >= 0")
-        self.make_actor = make_actor
-        self.start = start
+        if schedule_timeout_s <= 0:
+            raise ValueError(f"schedule_timeout_s={schedule_timeout_s} is invalid: "
+                             "must be > 0")
+        self.make_actor, self.start, self.ready = make_actor, start, ready
         self.size = size
         self.name_prefix = name_prefix
         self.max_retries = max_retries
@@ -82,10 +125,14 @@ class ActorPool:
         self.on_event = on_event or (lambda event: None)
         self.on_tick = on_tick or (lambda: None)
         self.tick_s = tick_s
+        self.schedule_timeout_s = schedule_timeout_s
+        self.subject_timeout = subject_timeout
+        self.demand = demand
         self.slots: list[_Slot] = []
         self.report = PoolReport()
         self._queue: deque[Job] = deque()
-        self._in_flight: dict[Any, tuple[_Slot, Job, int]] = {}  # ObjectRef -> its call
+        self._in_flight: dict[Any, _Call] = {}  # ObjectRef of a job's result -> its call
+        self._starting: dict[Any, _Slot] = {}   # ObjectRef of a readiness call -> slot
         self._start_failures = 0  # constructor failures in a row
         self._broken = ""  # set when actors keep failing to start: no more replacements
 
@@ -93,20 +140,26 @@ class ActorPool:
         import ray
 
         self.report = PoolReport()  # kept on self: partial results on Ctrl-C
-        self._queue, self._in_flight = deque(jobs), {}
+        self._queue, self._in_flight, self._starting = deque(jobs), {}, {}
         self._start_failures, self._broken = 0, ""
-        self.slots = [self._new_slot(i, 0) for i in range(min(self.size, len(jobs)))]
+        self.slots = [_Slot(i, 0, self._name(i, 0), None)
+                      for i in range(min(self.size, len(jobs)))]
         try:
             while self._queue or self._in_flight:
                 if self._broken:
                     self._fail_queue()
-                self._start_free_slots()
-                if not self._in_flight:
+                self._dispatch()
+                self._check_deadlines()
+                waiting = [*self._in_flight, *self._starting]
+                if not waiting:
                     continue
-                ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=self.tick_s)
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=self.tick_s)
                 self.on_tick()
                 for ref in ready:
-                    self._collect(ref)
+                    if ref in self._starting:
+                        self._started(ref)
+                    elif ref in self._in_flight:
+                        self._collect(ref)
             return self.report
         finally:
             self.shutdown()
@@ -123,85 +176,163 @@ class ActorPool:
             tries = self.report.attempts.get(job.job_id, 0)
             self._finish(job, tries, "", _failed(job, tries, "", self._broken))
 
-    def _start_free_slots(self) -> None:
-        """Hand the next queued job to every idle slot (starting replaced actors)."""
+    # -- handing out work ------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Queued jobs go to live idle actors first; a successor actor is started only
+        for the jobs that no live or starting actor can take."""
         for slot in self.slots:
-            if slot.busy or not self._queue:
-                continue
-            if slot.actor is None:  # replaced: start the successor now
+            if self._queue and self._live(slot) and not slot.busy:
+                self._give(slot, self._queue.popleft())
+        starting = sum(1 for slot in self.slots if slot.ready_ref is not None)
+        wanted = len(self._queue) - starting
+        for slot in self.slots:
+            if wanted <= 0 or self._broken:
+                break
+            if slot.actor is None and not slot.retired:
                 slot.actor = self.make_actor(slot.name)
-            job = self._queue.popleft()
-            attempt = self.report.attempts.get(job.job_id, 0) + 1
-            self.report.attempts[job.job_id] = attempt
-            ref = self.start(slot.actor, job, attempt)
-            slot.busy = True
-            self._in_flight[ref] = (slot, job, attempt)
-            self.on_event({"event": "started", "job": job, "actor": slot.name,
-                           "attempt": attempt})
+                slot.ready_ref, slot.since = self.ready(slot.actor), time.monotonic()
+                self._starting[slot.ready_ref] = slot
+                wanted -= 1
+        self._check_unschedulable()
+
+    @staticmethod
+    def _live(slot: _Slot) -> bool:
+        return slot.actor is not None and slot.ready_ref is None and not slot.retired
+
+    def _give(self, slot: _Slot, job: Job) -> None:
+        attempt = self.report.attempts.get(job.job_id, 0) + 1
+        self.report.attempts[job.job_id] = attempt
+        ref = self.start(slot.actor, job, attempt)
+        slot.busy = True
+        self._in_flight[ref] = _Call(slot, job, attempt, time.monotonic())
+        self.on_event({"event": "started", "job": job, "actor": slot.name,
+                       "attempt": attempt})
+
+    def _timeout_for(self, job: Job) -> float | None:
+        timeout = self.subject_timeout
+        return timeout(job) if callable(timeout) else timeout
+
+    def _started(self, ref: Any) -> None:
+        """An actor's readiness call returned: it is live, or it failed to start."""
+        import ray
+
+        slot = self._starting.pop(ref)
+        slot.ready_ref = None
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as err:
+            self._start_failed(slot, short_error(err))
+        else:
+            self._start_failures = 0
+
+    def _start_failed(self, slot: _Slot, reason: str) -> None:
+        self._start_failures += 1
+        if self._start_failures >= self.max_start_failures:
+            self._broken = f"no actor could start: {reason}"
+            self._retire(slot)
+        else:
+            self._replace(slot, reason)
+
+    def _check_unschedulable(self) -> None:
+        """Drop actors still not ready after schedule_timeout_s (their resources are
+        gone: a node died, or another actor holds them). The pool shrinks while a live
+        actor remains; with none left the queued jobs fail, naming the resources."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.ready_ref is None or now - slot.since < self.schedule_timeout_s:
+                continue
+            if _placed(slot.actor):  # on a node, still constructing: another window
+                slot.since = now
+                continue
+            self._starting.pop(slot.ready_ref, None)
+            slot.ready_ref = None
+            self._retire(slot)
+            slot.retired = True
+            self.report.shrunk.append(slot.name)
+            left = sum(1 for s in self.slots if not s.retired)
+            self.on_event({"event": "shrunk", "actor": slot.name, "actors_left": left,
+                           "reason": f"not scheduled within {self.schedule_timeout_s:g} s"})
+            if not any(self._live(s) or s.ready_ref is not None for s in self.slots):
+                self._broken = self._unschedulable_reason()
+
+    def _unschedulable_reason(self) -> str:
+        import ray
+
+        try:
+            free = {k: v for k, v in ray.available_resources().items()
+                    if k in ("CPU", "GPU", "memory")}
+        except Exception:
+            free = {}
+        free_text = ", ".join(f"{k} {v:g}" for k, v in sorted(free.items())) or "none"
+        need = f" (each needs {self.demand})" if self.demand else ""
+        return (f"no actor could be scheduled within {self.schedule_timeout_s:g} s"
+                f"{need}; free in the cluster: {free_text}")
+
+    # -- results, deaths, deadlines ----------------------------------------------------
 
     def _collect(self, ref: Any) -> None:
         """Take one finished call: its result, the job's own failure, or the actor's."""
         import ray
 
-        slot, job, attempt = self._in_flight.pop(ref)
-        slot.busy = False
+        call = self._in_flight.pop(ref)
+        call.slot.busy = False
         try:
             result = ray.get(ref)
         except actor_crash_types() as err:
-            self._actor_died(slot, job, attempt, err)
+            self._actor_died(call, short_error(err))
             return
         except ray.exceptions.RayTaskError as err:
-            result = _failed(job, attempt, slot.name, short_error(err))
-        else:
-            self._start_failures = 0
-        self._finish(job, attempt, slot.name, result)
+            result = _failed(call.job, call.attempt, call.slot.name, short_error(err))
+        self._finish(call.job, call.attempt, call.slot.name, result)
 
-    def _actor_died(self, slot: _Slot, job: Job, attempt: int, err: BaseException) -> None:
+    def _check_deadlines(self) -> None:
+        """A try past its deadline: kill its actor (hung, not crashed) and retry. The
+        deadline is asked anew on every tick, so a derived one can follow measurements."""
+        now = time.monotonic()
+        for ref, call in list(self._in_flight.items()):
+            timeout_s = self._timeout_for(call.job)
+            if not timeout_s or now - call.started < timeout_s:
+                continue
+            del self._in_flight[ref]
+            call.slot.busy = False
+            jid = call.job.job_id
+            self.report.timed_out[jid] = self.report.timed_out.get(jid, 0) + 1
+            self._actor_died(call, f"timed out after {timeout_s:g} s", timed_out=True)
+
+    def _actor_died(self, call: _Call, reason: str, timed_out: bool = False) -> None:
         """Replace the actor; requeue the job, or fail it after max_retries deaths."""
-        reason = short_error(err)
-        init_failed = getattr(err, "actor_init_failed", False)
-        if init_failed:  # not the job's fault: give the try back
-            self.report.attempts[job.job_id] = attempt - 1
-            self._start_failures += 1
-            if self._start_failures >= self.max_start_failures:
-                self._broken = f"no actor could start: {reason}"
-        if self._broken:
-            self._retire(slot)
-            tries = self.report.attempts[job.job_id]
-            self._finish(job, tries, slot.name, _failed(job, tries, slot.name, self._broken))
-            return
-        self._replace(slot, reason, self.report)
-        if init_failed:
-            self._queue.appendleft(job)
-        elif attempt > self.max_retries:
-            self._finish(job, attempt, slot.name, _failed(
-                job, attempt, slot.name,
-                f"actor died {attempt} time(s) while training it (last: {reason})"))
-        else:
-            self.on_event({"event": "retry", "job": job, "actor": slot.name,
+        job, attempt, slot = call.job, call.attempt, call.slot
+        died_on = slot.name
+        self._replace(slot, reason)
+        if attempt <= self.max_retries:
+            self.on_event({"event": "retry", "job": job, "actor": died_on,
                            "attempt": attempt, "reason": reason})
             self._queue.appendleft(job)
+        elif timed_out:
+            self._finish(job, attempt, died_on, _failed(
+                job, attempt, died_on, f"{reason} ({attempt} attempt(s))"))
+        else:
+            self._finish(job, attempt, died_on, _failed(
+                job, attempt, died_on,
+                f"actor died {attempt} time(s) while training it (last: {reason})"))
 
     def shutdown(self) -> None:
         """Kill every actor of the pool (they hold CPUs/GPUs and a loaded model)."""
         for slot in self.slots:
             self._retire(slot)
-        self.slots = []
-
-    def _new_slot(self, index: int, generation: int) -> _Slot:
-        return _Slot(index, generation, self._name(index, generation),
-                     self.make_actor(self._name(index, generation)))
+        self.slots, self._starting = [], {}
 
     def _name(self, index: int, generation: int) -> str:
         return f"{self.name_prefix}-{index}" + (f".{generation}" if generation else "")
 
-    def _replace(self, slot: _Slot, reason: str, report: PoolReport) -> None:
-        """Kill a dead actor; its successor starts when the slot gets its next job."""
+    def _replace(self, slot: _Slot, reason: str) -> None:
+        """Kill a dead actor; its successor starts when a job needs it (_dispatch)."""
         self._retire(slot)
         old = slot.name
         slot.generation += 1
         slot.name = self._name(slot.index, slot.generation)
-        report.replaced.append(old)
+        self.report.replaced.append(old)
         self.on_event({"event": "replaced", "actor": old, "new_actor": slot.name,
                        "reason": reason})
 
@@ -211,7 +342,19 @@ class ActorPool:
         if slot.actor is not None:
             with contextlib.suppress(Exception):
                 ray.kill(slot.actor, no_restart=True)
-        slot.actor = None
+        slot.actor, slot.ready_ref = None, None
+
+
+def _placed(actor: Any) -> bool:
+    """Whether Ray has placed `actor` on a node (it has a process there), so it is
+    constructing rather than waiting for resources; False if that cannot be told."""
+    try:
+        from ray.util.state import get_actor
+
+        state = get_actor(actor._actor_id.hex(), timeout=10)
+    except Exception:
+        return False
+    return bool(state is not None and state.pid and state.state != "DEAD")
 
 
 def _failed(job: Job, attempt: int, actor: str, reason: str) -> dict[str, Any]:

@@ -77,6 +77,8 @@ class SubmitConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     resume: bool = True
     max_retries: int = _pool_default("max_retries")
+    schedule_timeout: float = _pool_default("schedule_timeout_s")
+    subject_timeout: float | None = None  # None: derived (pipeline/deadline.py)
     samples: int = field_default(WorkSettings, "samples")
     sample_steps: int | None = None
     guidance_scale: float | None = None
@@ -90,6 +92,10 @@ class SubmitConfig:
         """Raise SubmitError for an option outside its range (before anything starts)."""
         checks = [
             (self.max_retries >= 0, "--max-retries", self.max_retries, ">= 0"),
+            (self.schedule_timeout > 0, "--schedule-timeout", self.schedule_timeout,
+             "> 0 seconds"),
+            (self.subject_timeout is None or self.subject_timeout > 0,
+             "--subject-timeout", self.subject_timeout, "> 0 seconds"),
             (self.actors is None or self.actors >= 1, "--actors", self.actors, ">= 1"),
             (self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0,
              "--num-gpus-per-actor", self.num_gpus_per_actor, ">= 0"),

@@ -85,6 +85,15 @@ def _lr_in_default(_: Any) -> str:
                help="Skip subjects whose artefacts are finished and verified.")
 @config_option("--max-retries", type=int, source=SUBMIT,
                help="Retries of a subject whose actor died.")
+@config_option("--schedule-timeout", type=float, source=SUBMIT,
+               help="Seconds a new fine-tuning actor may take to be placed and load its "
+                    "base; past it the pool shrinks, or with no actor left the "
+                    "remaining subjects fail naming the resources an actor needs.")
+@click.option("--subject-timeout", type=float, default=None,
+              help="Seconds one try of a subject may take before its actor is taken for "
+                   "hung, killed and the subject retried (default: 5 x steps x the "
+                   "slowest measured seconds per step, at least 300; 3600 until a "
+                   "subject has finished).")
 @config_option("--samples", type=int, source=WORK, help="Sample images per subject (0: none).")
 @config_option("--sample-steps", type=int, source=WORK, prefix=RECIPE)
 @config_option("--guidance-scale", type=float, source=WORK, prefix=RECIPE)

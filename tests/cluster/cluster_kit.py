@@ -66,12 +66,15 @@ class Node:
     log: Path
     gpus: int = 0
     cpus: int = 0
+    metrics_port: int = 0  # the node's metrics agent: http://<ip>:<port>/metrics
+    killed: bool = False   # killed on purpose (a test's node loss), not a failure
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def kill(self) -> None:
         """SIGKILL the node's whole process group (raylet, workers, agents)."""
+        self.killed = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -123,8 +126,9 @@ class LocalCluster:
             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
             f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats",
-            f"--temp-dir={self.temp_dir}", *self._port_flags()]
+            f"--temp-dir={self.temp_dir}", *self._port_flags(ports := {})]
         self.head = self._spawn(command, HEAD_IP, "head")
+        self.head.metrics_port = ports["metrics-export-port"]
 
     def add_worker(self, cpus: int = 1, gpus: int = 1, resources: dict | None = None) -> Node:
         """Start one more worker node on the next loopback address."""
@@ -141,17 +145,21 @@ class LocalCluster:
             f"--num-cpus={cpus}", f"--num-gpus={gpus}",
             f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats",
             f"--min-worker-port={21000 + 1000 * index}",
-            f"--max-worker-port={21999 + 1000 * index}", *self._port_flags()]) + extra
+            f"--max-worker-port={21999 + 1000 * index}", *self._port_flags(ports := {})
+        ]) + extra
         script = " && ".join([*mounts, f"exec {ray_cmd}"])
         node = self._spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                             script], ip, f"node{index}")
         node.cpus, node.gpus = cpus, gpus
+        node.metrics_port = ports["metrics-export-port"]
         self.workers.append(node)
         return node
 
     @staticmethod
-    def _port_flags() -> list[str]:
-        return [f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS]
+    def _port_flags(ports: dict[str, int]) -> list[str]:
+        """A free port for each agent flag; records them in `ports` (flag -> port)."""
+        ports.update({flag: free_port() for flag in AGENT_PORT_FLAGS})
+        return [f"--{flag}={port}" for flag, port in ports.items()]
 
     def _spawn(self, command: list[str], ip: str, name: str) -> Node:
         log = self.root / f"{name}.log"
@@ -166,7 +174,7 @@ class LocalCluster:
         nodes: list[dict] = []
         while time.monotonic() < deadline:
             for node in [self.head, *self.workers]:
-                if node is not None and not node.alive():
+                if node is not None and not node.killed and not node.alive():
                     raise RuntimeError(f"node {node.ip} exited: {node.log.read_text()[-2000:]}")
             with contextlib.suppress(OSError, ValueError):
                 nodes = [n for n in self.nodes() if n["state"] == "ALIVE"]
@@ -174,6 +182,18 @@ class LocalCluster:
                     return nodes
             time.sleep(1.0)
         raise TimeoutError(f"{len(nodes)} of {count} nodes alive after {timeout_s} s")
+
+    def metrics_text(self) -> str:
+        """The Prometheus text of every live node's metrics agent, concatenated."""
+        texts = []
+        for node in [self.head, *self.workers]:
+            if node is None or not node.alive():
+                continue
+            url = f"http://{node.ip}:{node.metrics_port}/metrics"
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    url, timeout=10) as response:
+                texts.append(response.read().decode())
+        return "\n".join(texts)
 
     def nodes(self) -> list[dict]:
         """Every node the cluster knows (state API through the dashboard)."""

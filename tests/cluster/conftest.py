@@ -5,6 +5,9 @@ processes (cluster_kit.py), each worker with its own disk, plus moto's S3 server
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from cluster_kit import NODE_LOCAL, namespaces_available, start_cluster
@@ -39,16 +42,19 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3_endpoint):
+def cluster(s3_endpoint):
     """A head (0 CPUs) and two workers (1 CPU, 1 logical GPU each) on 127.0.0.2-4;
     every node reaches the moto S3 server through the standard AWS variables."""
     reason = namespaces_available()
     if reason is not None:
         pytest.skip(f"multi-node tests need mount namespaces: {reason}")
-    root = tmp_path_factory.mktemp("cluster")
+    # a short root: Ray's socket paths under it must stay within AF_UNIX's 107 bytes
+    # (pytest's tmp paths plus Ray's session name and a 5-digit pid do not)
+    root = Path(tempfile.mkdtemp(prefix="tqc-", dir="/tmp"))
     env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}
     cluster = start_cluster(root, workers=2, node_local=[NODE_LOCAL], env=env)
     try:
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -43,14 +43,26 @@ def _stand_in(ray, marker_dir, fail_init: bool = False):
                         "actor": self.name}
             if job_id.startswith("slow"):
                 clock.sleep(2.5)
+            if job_id.startswith("hang-always") or (job_id.startswith("hang-once")
+                                                     and not marker.exists()):
+                marker.write_text("hung")
+                clock.sleep(60)
             return {"job_id": job_id, "status": "done", "reason": "", "actor": self.name,
                     "attempt": attempt}
 
     return ray.remote(num_cpus=1)(StandIn)
 
 
-def _pool(ray, cls, size, events, **kwargs) -> ActorPool:
-    return ActorPool(lambda name: cls.options(name=name).remote(name),
+def _pool(ray, cls, size, events, unschedulable=lambda name: False,
+          **kwargs) -> ActorPool:
+    """A pool of `cls`; actors whose name `unschedulable` picks ask for a resource
+    that no node has, so Ray can never place them."""
+
+    def make(name: str):
+        extra = {"resources": {"tuneqdm_nowhere": 1}} if unschedulable(name) else {}
+        return cls.options(name=name, **extra).remote(name)
+
+    return ActorPool(make,
                      lambda actor, job, attempt: actor.run.remote(job.job_id, attempt),
                      size, "test-pool", on_event=events.append, tick_s=0.1, **kwargs)
 
@@ -72,7 +84,12 @@ def test_own_failures_crashes_and_retries(ray_session, tmp_path):
                                "crash-always-e": 2, "ok-f": 1}
     assert len(report.replaced) == 3  # crash-once once, crash-always twice
     assert results["crash-once-c"]["actor"].startswith("test-pool-")
-    assert "." in results["crash-once-c"]["actor"]  # ran on a replacement (name.gen)
+    # retried on another live actor: a live idle one, or the dead one's successor
+    # (name.gen), whichever was free first (live idle actors take queued work first)
+    crashed_on = next(e["actor"] for e in events
+                      if e["event"] == "retry" and e["job"].job_id == "crash-once-c")
+    assert results["crash-once-c"]["actor"] != crashed_on
+    assert crashed_on in report.replaced
     kinds = [e["event"] for e in events]
     assert kinds.count("retry") == 2 and kinds.count("replaced") == 3
     assert kinds.count("finished") == 6
@@ -113,6 +130,8 @@ def test_pool_arguments_are_checked():
         ActorPool(lambda n: None, lambda a, j, t: None, 0, "x")
     with pytest.raises(ValueError, match="max_retries=-1"):
         ActorPool(lambda n: None, lambda a, j, t: None, 1, "x", max_retries=-1)
+    with pytest.raises(ValueError, match="schedule_timeout_s=0 is invalid"):
+        ActorPool(lambda n: None, lambda a, j, t: None, 1, "x", schedule_timeout_s=0)
 
 
 def test_custom_metrics_record_without_errors(ray_session):
@@ -123,3 +142,75 @@ def test_custom_metrics_record_without_errors(ray_session):
     metrics.step(0.5, 3.0)
     metrics.finished(True, 2)
     metrics.finished(False, 1)
+
+
+def test_a_dead_actors_job_goes_to_the_live_idle_actor_not_an_unschedulable_one(
+        ray_session, tmp_path):
+    """The node-loss hang of issue 10: the successor of a dead actor cannot be placed;
+    the job must go to the surviving actor and the run end without waiting for it."""
+    ray = ray_session
+    events: list[dict] = []
+    pool = _pool(ray, _stand_in(ray, str(tmp_path)), 2, events,
+                 unschedulable=lambda name: "." in name, schedule_timeout_s=120)
+    start = time.monotonic()
+    report = pool.run(_jobs("crash-once-a", "slow-b", "ok-c", "ok-d"))
+    elapsed = time.monotonic() - start
+    assert {k: v["status"] for k, v in report.results.items()} == dict.fromkeys(
+        ("crash-once-a", "slow-b", "ok-c", "ok-d"), "done")
+    survivor = report.results["slow-b"]["actor"]
+    assert report.results["crash-once-a"]["actor"] == survivor
+    assert report.attempts["crash-once-a"] == 2
+    assert report.shrunk == []  # never waited out the 120 s schedule timeout
+    assert elapsed < 60
+
+
+def test_an_actor_that_cannot_be_scheduled_shrinks_the_pool(ray_session, tmp_path):
+    ray = ray_session
+    events: list[dict] = []
+    pool = _pool(ray, _stand_in(ray, str(tmp_path)), 2, events,
+                 unschedulable=lambda name: name.startswith("test-pool-1"),
+                 schedule_timeout_s=6)
+    start = time.monotonic()
+    report = pool.run(_jobs("slow-1", "slow-2", "slow-3", "slow-4", "ok-5"))
+    assert time.monotonic() - start < 60
+    assert {r["status"] for r in report.results.values()} == {"done"}
+    assert {r["actor"] for r in report.results.values()} == {"test-pool-0"}
+    assert report.shrunk == ["test-pool-1"]
+    shrunk = [e for e in events if e["event"] == "shrunk"]
+    assert len(shrunk) == 1 and shrunk[0]["actors_left"] == 1
+
+
+def test_no_schedulable_actor_fails_the_jobs_naming_the_resources(ray_session, tmp_path):
+    ray = ray_session
+    events: list[dict] = []
+    pool = _pool(ray, _stand_in(ray, str(tmp_path)), 1, events,
+                 unschedulable=lambda name: True, schedule_timeout_s=1.5,
+                 demand="1 CPU + 1 tuneqdm_nowhere")
+    start = time.monotonic()
+    report = pool.run(_jobs("ok-1", "ok-2"))
+    assert time.monotonic() - start < 30
+    assert {r["status"] for r in report.results.values()} == {"failed"}
+    for result in report.results.values():
+        assert result["reason"].startswith("no actor could be scheduled within 1.5 s "
+                                           "(each needs 1 CPU + 1 tuneqdm_nowhere); "
+                                           "free in the cluster: CPU ")
+    assert report.attempts == {}
+
+
+def test_a_hung_try_is_killed_retried_and_reported_as_timed_out(ray_session, tmp_path):
+    ray = ray_session
+    events: list[dict] = []
+    pool = _pool(ray, _stand_in(ray, str(tmp_path)), 2, events, max_retries=1,
+                 subject_timeout=lambda job: 3.0 if job.job_id.startswith("hang") else None)
+    start = time.monotonic()
+    report = pool.run(_jobs("hang-once-a", "hang-always-b", "ok-c"))
+    elapsed = time.monotonic() - start
+    status = {k: (v["status"], v["reason"]) for k, v in report.results.items()}
+    assert status == {"hang-once-a": ("done", ""), "ok-c": ("done", ""),
+                      "hang-always-b": ("failed", "timed out after 3 s (2 attempt(s))")}
+    assert report.timed_out == {"hang-once-a": 1, "hang-always-b": 2}
+    assert report.attempts == {"hang-once-a": 2, "hang-always-b": 2, "ok-c": 1}
+    assert len(report.replaced) == 3
+    retries = [e["reason"] for e in events if e["event"] == "retry"]
+    assert retries == ["timed out after 3 s"] * 2
+    assert 6 <= elapsed < 40  # two 3 s deadlines in a row for hang-always-b

@@ -1,0 +1,119 @@
+"""Faults on the real multi-node cluster: a worker node killed mid-run (its subjects
+are retried on the other node, none lost, no hang), and the pipeline's metrics on the
+nodes' Prometheus endpoints afterwards. `submit` runs as a Ray Job on the head;
+photos, manifest and output live on moto S3."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "pipeline"))
+from pipeline_testkit import copy_photos  # noqa: E402
+
+SUBJECTS = ("dog", "cat", "teapot", "backpack", "clock")
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> str:
+    from tuneqdm.testing import save_tiny_pipeline
+
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd"))
+
+
+def _s3(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                        aws_secret_access_key="testing", region_name="us-east-1")
+
+
+def _upload_run(endpoint: str, bucket: str, tmp_path: Path) -> str:
+    """Photos on S3, and a subjects.csv naming them; returns the manifest's path."""
+    client = _s3(endpoint)
+    client.create_bucket(Bucket=bucket)
+    lines = ["subject_id,images,class"]
+    for subject in SUBJECTS:
+        source = "dog" if subject in ("robot", "clock") else subject
+        for photo in sorted(copy_photos(source, tmp_path / subject, 2).iterdir()):
+            client.upload_file(str(photo), bucket, f"photos/{subject}/{photo.name}")
+        lines.append(f"{subject},s3://{bucket}/photos/{subject}/,{subject}")
+    manifest = tmp_path / "subjects.csv"  # read by the driver on the head
+    manifest.write_text("\n".join(lines) + "\n")
+    return str(manifest)
+
+
+def _entrypoint(manifest: str, output: str, base: str, endpoint: str, *extra: str) -> str:
+    return " ".join([sys.executable, "-m", "tuneqdm_cli", "submit", manifest,
+                     "--output", output, "--base-model", base, "--steps", "24",
+                     "--lr-scale-out", "1e-3", "--samples", "0", "--cpus-per-actor", "1",
+                     "--storage-option", f"endpoint_url={endpoint}",
+                     "--storage-option", "client_kwargs.region_name=us-east-1", *extra])
+
+
+def _metric_sum(text: str, name: str) -> float:
+    """The sum over every series of metric `name` (any prefix, `_total` or not)."""
+    pattern = rf"^\w*{name}(?:_total)?(?:\{{[^}}]*\}})? ([0-9.eE+-]+)$"
+    return sum(float(match.group(1)) for match in re.finditer(pattern, text, re.M))
+
+
+def test_a_worker_node_killed_mid_run_loses_no_subject(cluster, s3_endpoint, tiny_base,
+                                                       tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    manifest = _upload_run(s3_endpoint, "node-kill", tmp_path)
+    output = "s3://node-kill/out"
+    job = cluster.submit_job(
+        _entrypoint(manifest, output, tiny_base, s3_endpoint, "--schedule-timeout", "60",
+                    "--address", "auto"),
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    # kill a worker node once the first subject is done and the others are training
+    status, logs = cluster.wait_job(job, timeout_s=240,
+                                    until=lambda text: "done     " in text)
+    assert status == "RUNNING", logs[-3000:]
+    victim = cluster.workers[0]
+    killed_at = time.monotonic()
+    victim.kill()
+    cluster.wait_job(job, timeout_s=240, until=lambda text: "(attempt 2)" in text)
+    recovered_at = time.monotonic()  # the lost subject started again on a live actor
+    status, logs = cluster.wait_job(job, timeout_s=240)  # bounded: no hang
+    ended_at = time.monotonic()
+    assert status == "SUCCEEDED", logs[-4000:]
+    summary = json.loads(_s3(s3_endpoint).get_object(
+        Bucket="node-kill", Key="out/summary.json")["Body"].read())
+    assert summary["counts"] == {"total": len(SUBJECTS), "done": len(SUBJECTS)}
+    assert {r["status"] for r in summary["subjects"]} == {"done"}
+    retried = [r["subject_id"] for r in summary["subjects"] if r["attempts"] >= 2]
+    assert retried, logs[-4000:]  # the kill landed mid-training
+    assert summary["actors_replaced"]
+    retry_lines = [line for line in logs.splitlines() if line.startswith("retry    ")]
+    assert retry_lines
+    print(f"\nnode kill: lost subject restarted {recovered_at - killed_at:.1f} s and the "
+          f"job ended {ended_at - killed_at:.1f} s after the kill; "
+          f"retried {retried}; replaced {summary['actors_replaced']}; "
+          f"dropped {summary['actors_dropped']}; run {summary['seconds']} s")
+
+    # the pipeline's metrics, on the surviving nodes' Prometheus endpoints
+    deadline, text = time.monotonic() + 60, ""
+    names = ("tuneqdm_subjects_finished", "tuneqdm_subjects_retried",
+             "tuneqdm_subjects_running", "tuneqdm_train_steps_per_second")
+    while time.monotonic() < deadline:
+        text = cluster.metrics_text()
+        if all(name in text for name in names):
+            break
+        time.sleep(2)
+    for name in names:
+        assert name in text, f"{name} not on any node's /metrics"
+    assert _metric_sum(text, "tuneqdm_subjects_finished") >= 1
+    assert _metric_sum(text, "tuneqdm_subjects_retried") >= len(retried)
+
+    # put the node back for the other tests of this module
+    cluster.add_worker()
+    cluster.wait_for_nodes(3)
+    JobSubmissionClient(cluster.dashboard_url).delete_job(job)
