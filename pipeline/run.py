@@ -284,7 +284,7 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
     from .scheduler import ActorPool
 
     run_id, storage, spec_hashes = plan.run_id, plan.storage, plan.spec_hashes
-    tracker = tracker_actor().options(name=f"tuneqdm-progress-{run_id}").remote(run_id)
+    tracker = _start_tracker(ray, tracker_actor(), run_id)
     remote_cls = finetuner_actor()
     settings_ref = ray.put(settings)
     photos = PhotoShipper(ray)
@@ -334,6 +334,16 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
         display.close()
         ray.kill(tracker, no_restart=True)
     return pool.report, interrupted
+
+
+def _start_tracker(ray, remote_cls, run_id: str):
+    """The progress tracker, on the driver's node (soft): losing a worker node must not
+    take the progress board and the run's metrics with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return remote_cls.options(name=f"tuneqdm-progress-{run_id}",
+                              scheduling_strategy=here).remote(run_id)
 
 
 def _event_sink(photos: PhotoShipper, display: ProgressDisplay, deadline: SubjectDeadline,
