@@ -157,6 +157,9 @@ def test_strength_zero_is_the_base_and_one_is_the_subject(client):
     schema = client.get("/openapi.json").json()["components"]["schemas"]["ImageRequest"]
     strength = schema["properties"]["strength"]
     assert (strength["minimum"], strength["maximum"], strength["default"]) == (0.0, 1.5, 1.0)
+    page = client.get("/").text  # the playground's slider and image count
+    assert 'id="strength" type="range" min="0" max="1.5"' in page
+    assert 'id="count" type="number" min="1" max="3"' in page
 
 
 @pytest.mark.parametrize("raw", ['{"prompt": "x", "guidance_scale": NaN}', "{not json",

@@ -231,6 +231,21 @@ def test_playground_in_headless_chromium(server):
             "const i = document.getElementById('result');"
             "return !i.hidden && i.complete && i.naturalWidth;") == 16)
         assert browser.find_element(By.ID, "status").text.startswith("seed 21,")
+        assert "batch: 1 image(s), 1 subject(s)" in browser.find_element(By.ID, "status").text
+
+        # several images at once, at strength 0 (the slider set by script, as a user drags)
+        count = browser.find_element(By.ID, "count")
+        count.clear()
+        count.send_keys("2")
+        browser.execute_script("const s = document.getElementById('strength');"
+                               "s.value = '0'; s.dispatchEvent(new Event('input'));")
+        assert browser.find_element(By.ID, "strength-value").text == "0"
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: b.execute_script(
+            "const imgs = document.querySelectorAll('#gallery img');"
+            "return imgs.length === 2 && [...imgs].every((i) => !i.hidden && i.complete"
+            " && i.naturalWidth === 16);"))
+        assert "batch: 2 image(s)" in browser.find_element(By.ID, "status").text
 
         steps = browser.find_element(By.ID, "steps")
         steps.clear()
