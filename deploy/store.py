@@ -207,7 +207,8 @@ class SubjectCatalog:
     """SubjectStore lookups cached for `ttl_s` seconds (the ingress asks per request).
 
     Positive and negative answers are both cached, so unknown ids do not reach storage
-    on every request, and a newly trained subject appears within `ttl_s`.
+    on every request, and a newly trained subject appears within `ttl_s` (in the
+    listing: within `ttl_s` plus one background refresh).
     """
 
     def __init__(self, store: SubjectStore, ttl_s: float = 10.0) -> None:
