@@ -21,6 +21,7 @@ file: `deploy.app:app_builder`) and Serve.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from ray import serve
@@ -31,6 +32,7 @@ from .batcher import MixedBatcher
 from .engine import Engine, GenerationRequest, LoadedSubject
 from .errors import InvalidRequest
 from .http import create_api
+from .metrics import IngressMetrics, ReplicaMetrics
 from .params import GenerationParams
 from .settings import ServeSettings
 from .store import SubjectCatalog, SubjectInfo, SubjectStore, check_subject_id
@@ -58,8 +60,9 @@ class SubjectModel:
                              capacity=settings.max_subjects_per_replica,
                              device=settings.device, dtype=settings.dtype,
                              scheduler=settings.scheduler)
+        self.metrics = ReplicaMetrics()
         self.batcher = MixedBatcher(
-            self.engine.run, key=lambda r: r.params.batch_key, subject=lambda r: r.subject.key,
+            self._run_batch, key=lambda r: r.params.batch_key, subject=lambda r: r.subject.key,
             images=lambda r: r.params.num_images, max_batch_images=settings.max_batch_images,
             max_distinct=settings.max_subjects_per_replica,
             wait_s=settings.batch_wait_ms / 1000, max_queued_images=settings.max_queued_images)
@@ -71,12 +74,23 @@ class SubjectModel:
             scale_set, info = await asyncio.to_thread(self.store.read_scale_set, subject_id)
             self.engine.check_fits(scale_set)
             self.loads += 1
+            self.metrics.scale_set_loads.inc()
             return LoadedSubject(info, scale_set, on_evict=self.engine.bank.demote)
 
         # Wired at init time so the cache size can come from the settings; Serve
         # detects multiplexed loaders stored on the instance.
         self.get_subject = serve.multiplexed(
             max_num_models_per_replica=settings.max_subjects_per_replica)(load_subject)
+
+    def _run_batch(self, requests: list[GenerationRequest]) -> list:
+        """Engine.run on the batch thread, with the batch's metrics."""
+        writes = self.engine.bank.writes
+        results = self.engine.run(requests)
+        if results:
+            self.metrics.batch(results[0].batch_images, results[0].batch_subjects,
+                               self.engine.bank.writes - writes)
+        self.metrics.queued_images.set(self.batcher.queued_images)
+        return results
 
     async def generate(self, params: GenerationParams) -> dict[str, Any]:
         """Images for the request's multiplexed subject id."""
@@ -87,6 +101,7 @@ class SubjectModel:
         subject = await self.get_subject(subject_id)
         state = "loaded" if subject.fresh else "cached"
         subject.fresh = False
+        self.metrics.queued_images.set(self.batcher.queued_images + params.num_images)
         result = await self.batcher.submit(GenerationRequest(subject, params))
         pngs = await asyncio.to_thread(result.png_bytes)
         return {"images": pngs, "seeds": list(result.seeds),
@@ -164,9 +179,21 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         settings = self.settings
-        return create_api(self.backend, settings.request_limits(),
-                          request_timeout_s=settings.request_timeout_s,
-                          max_request_cost=settings.max_request_cost)
+        app = create_api(self.backend, settings.request_limits(),
+                         request_timeout_s=settings.request_timeout_s,
+                         max_request_cost=settings.max_request_cost)
+        metrics = IngressMetrics()
+
+        @app.middleware("http")
+        async def record_latency(request, call_next):
+            start = time.perf_counter()
+            response = await call_next(request)
+            route = request.scope.get("route")
+            metrics.request(time.perf_counter() - start, response.status_code,
+                            getattr(route, "path", "other"))
+            return response
+
+        return app
 
 
 def build_app(settings: ServeSettings) -> Application:

@@ -7,9 +7,9 @@ generate` uses one directly, so both produce the same images for the same seed.
     engine.run([GenerationRequest, ...])          one UNet batch, any mix of subjects
 
 A batch's requests must agree on steps, guidance and size (their `batch_key`);
-prompts, negative prompts, seeds, image counts and subjects may all differ. Each
-image is seeded on its own (tuneqdm.generate), so an image does not depend on what
-else shares its batch, up to float rounding of batched matrix products.
+prompts, negative prompts, seeds, image counts, strengths and subjects may all
+differ. Each image is seeded on its own (tuneqdm.generate), so an image does not
+depend on what else shares its batch, up to float rounding of batched matrix products.
 """
 
 from __future__ import annotations
@@ -147,18 +147,20 @@ class Engine:
             raise ValueError("requests of one batch must share steps, guidance and size")
         start = time.perf_counter()
         slots = self.bank.acquire([(r.subject.key, r.subject.scale_set) for r in requests])
-        prompts, negatives, seeds, image_slots = [], [], [], []
+        prompts, negatives, seeds, image_slots, strengths = [], [], [], [], []
         for request, slot in zip(requests, slots, strict=True):
             n = request.params.num_images
             prompts += [request.params.prompt] * n
             negatives += [request.params.negative_prompt] * n
             seeds += list(request.params.seeds)
             image_slots += [slot] * n
+            strengths += [float(request.params.strength)] * n
         steps, guidance, height, width = key
         images = generate(
             self.pipe, prompts, seed=seeds, slots=image_slots, num_inference_steps=steps,
             guidance_scale=guidance, height=height, width=width,
-            negative_prompt=negatives if any(negatives) else None)
+            negative_prompt=negatives if any(negatives) else None,
+            strengths=strengths)  # all 1: the unchanged path (tuneqdm.generate)
         seconds = time.perf_counter() - start
         results, offset = [], 0
         for request in requests:

@@ -24,6 +24,9 @@ from .errors import InvalidRequest
 
 # Seeds stay exact in JavaScript numbers, so the playground can show and replay them.
 MAX_SEED = 2**53 - 1
+# Strength alpha: the subject's scales are s0 + alpha (s - s0) (tuneqdm ScaleTable.select);
+# 0 is the untuned base, 1 the subject, above 1 an exaggerated subject.
+MAX_STRENGTH = 1.5
 PLACEHOLDERS = ("{token}", "{class_noun}")
 
 
@@ -88,8 +91,8 @@ class GenerationParams:
     """One request's resolved parameters (placeholders filled, defaults applied).
 
     Requests with equal `batch_key` can share one UNet batch whatever their subjects,
-    prompts, seeds and image counts: the sampling loop is shared, so steps, guidance
-    and size must agree.
+    prompts, seeds, image counts and strengths: the sampling loop is shared, so steps,
+    guidance and size must agree.
     """
 
     prompt: str
@@ -100,6 +103,7 @@ class GenerationParams:
     height: int = 512
     width: int = 512
     num_images: int = 1
+    strength: float = 1.0
     seeds: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +140,10 @@ def request_model(limits: Limits) -> type[BaseModel]:
         height=(OptionalWholeInt, Field(None, **side, description="default: the model's size")),
         width=(OptionalWholeInt, Field(None, **side, description="default: the model's size")),
         num_images=(WholeInt, Field(1, ge=1, le=limits.max_images)),
+        strength=(float, Field(1.0, ge=0.0, le=MAX_STRENGTH, allow_inf_nan=False,
+                               description="the subject's strength alpha: scales "
+                                           "s0 + alpha (s - s0); 0 the untuned base, 1 the "
+                                           "subject")),
     )
 
 
@@ -173,6 +181,7 @@ def resolve(body: dict[str, Any], limits: Limits, native_size: int, token: str,
         height=body.get("height") or native_size,
         width=body.get("width") or native_size,
         num_images=num_images,
+        strength=float(body.get("strength", 1.0)),
     )
 
 
@@ -183,7 +192,8 @@ def check_params(params: GenerationParams, limits: Limits) -> GenerationParams:
     body = {"prompt": params.prompt, "negative_prompt": params.negative_prompt or None,
             "num_inference_steps": params.num_inference_steps,
             "guidance_scale": float(params.guidance_scale), "seed": params.seed,
-            "height": params.height, "width": params.width, "num_images": params.num_images}
+            "height": params.height, "width": params.width, "num_images": params.num_images,
+            "strength": float(params.strength)}
     from pydantic import ValidationError
 
     try:

@@ -1,4 +1,8 @@
-"""The playground page at `/`: pick a subject, type a prompt, see the image.
+"""The playground page at `/`: pick a subject, type a prompt, see the images.
+
+Strength slider (0: the untuned base, 1: the subject), several images at once, and
+the facts of the batch each answer rode in (images, distinct subjects, replica,
+scale set loaded or cached).
 
 One self-contained HTML page (no external scripts, styles or fonts: it works on a
 machine without internet), talking to the JSON API with fetch(). The server fills in
@@ -10,7 +14,7 @@ from __future__ import annotations
 import html
 import json
 
-from .params import MAX_SEED, Limits
+from .params import MAX_SEED, MAX_STRENGTH, Limits
 
 _PAGE = """<!doctype html>
 <html lang="en">
@@ -31,8 +35,9 @@ _PAGE = """<!doctype html>
   button { margin-top: 1rem; padding: .4rem 1.2rem; }
   #status { margin-top: 1rem; min-height: 1.4rem; }
   #status.error { color: #b00020; }
-  #result { margin-top: 1rem; image-rendering: pixelated; border: 1px solid #ccc;
-            min-width: 128px; }
+  #result, #gallery img { margin-top: 1rem; image-rendering: pixelated;
+            border: 1px solid #ccc; min-width: 128px; }
+  #gallery { display: flex; gap: .5rem; flex-wrap: wrap; }
   small { color: #666; }
 </style>
 </head>
@@ -58,10 +63,16 @@ in the prompt name the subject.</small></p>
            step="__SIDE_STEP__" value="__SIZE__"></div>
   <div><label for="seed">Seed</label>
     <input id="seed" type="number" min="0" max="__MAX_SEED__" placeholder="random"></div>
+  <div><label for="count">Images</label>
+    <input id="count" type="number" min="1" max="__MAX_IMAGES__" value="1"></div>
 </div>
+<label for="strength">Strength <output id="strength-value">1</output>
+  <small>(0: the untuned base, 1: the subject)</small></label>
+<input id="strength" type="range" min="0" max="__MAX_STRENGTH__" step="0.05" value="1"
+       style="width:100%">
 <button id="generate" type="button">Generate</button>
 <div id="status" role="status"></div>
-<img id="result" alt="generated image" hidden>
+<div id="gallery"><img id="result" alt="generated image" hidden></div>
 <script>
 const ROOT = __ROOT__;
 const $ = (id) => document.getElementById(id);
@@ -101,7 +112,8 @@ async function generate() {
   if (!subject) { setStatus("Pick a subject first.", true); return; }
   const size = Number($("size").value);
   const body = { prompt: $("prompt").value, num_inference_steps: Number($("steps").value),
-                 guidance_scale: Number($("guidance").value), height: size, width: size };
+                 guidance_scale: Number($("guidance").value), height: size, width: size,
+                 num_images: Number($("count").value), strength: Number($("strength").value) };
   if ($("negative").value) body.negative_prompt = $("negative").value;
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   $("generate").disabled = true;
@@ -110,21 +122,38 @@ async function generate() {
   try {
     const response = await fetch(ROOT + "/v1/subjects/" + encodeURIComponent(subject) +
                                  "/images", {
-      method: "POST", headers: { "Content-Type": "application/json", "Accept": "image/png" },
+      method: "POST",
+      headers: { "Content-Type": "application/json", "Accept": "application/json" },
       body: JSON.stringify(body) });
     if (!response.ok) {
       setStatus("Error " + response.status + ": " + await errorText(response), true);
       return;
     }
-    const blob = await response.blob();
-    const image = $("result");
-    if (image.src) URL.revokeObjectURL(image.src);
-    image.src = URL.createObjectURL(blob);
-    image.width = Math.max(256, size);
-    image.hidden = false;
+    const answer = await response.json();
+    for (const old of document.querySelectorAll("#gallery img.extra")) old.remove();
+    answer.images.forEach((item, index) => {
+      let image = $("result");
+      if (index > 0) {
+        image = document.createElement("img");
+        image.className = "extra";
+        image.alt = "generated image " + (index + 1);
+        $("gallery").appendChild(image);
+      }
+      image.src = "data:image/png;base64," + item.png_base64;
+      image.width = Math.max(256, size);
+      image.title = "seed " + item.seed;
+      image.dataset.seed = item.seed;
+      image.hidden = false;
+    });
     const ms = Math.round(performance.now() - started);
-    setStatus("seed " + response.headers.get("X-Seed") + ", " + ms + " ms", false);
-    image.dataset.seed = response.headers.get("X-Seed");
+    let facts = "";
+    if (answer.batch_images !== undefined) {
+      facts = "; batch: " + answer.batch_images + " image(s), " + answer.batch_subjects +
+              " subject(s)";
+      if (answer.replica) facts += ", replica " + answer.replica;
+      if (answer.scale_set) facts += ", scale set " + answer.scale_set;
+    }
+    setStatus("seed " + answer.seed + ", " + ms + " ms" + facts, false);
   } catch (e) {
     setStatus("Request failed: " + e, true);
   } finally {
@@ -132,6 +161,8 @@ async function generate() {
   }
 }
 $("generate").addEventListener("click", generate);
+$("strength").addEventListener("input", () => {
+  $("strength-value").textContent = $("strength").value; });
 loadSubjects();
 </script>
 </body>
@@ -154,6 +185,8 @@ def playground_html(root_path: str, limits: Limits, native_size: int) -> str:
         "__SIDE_STEP__": str(limits.side_multiple),
         "__SIZE__": str(size),
         "__MAX_SEED__": str(MAX_SEED),
+        "__MAX_IMAGES__": str(limits.max_images),
+        "__MAX_STRENGTH__": str(MAX_STRENGTH),
     }
     page = _PAGE
     for placeholder, value in values.items():

@@ -54,13 +54,17 @@ class ScaleRouter:
         num_train_timesteps: T.
         slots: optional (P,) int64, the resident scale set (bank slot) of each
             prompt; None means slot 0 for every sample.
+        strengths: optional (P,) float32 strength alpha of each prompt, tiled like
+            the slots; None means alpha = 1 for every sample (the rows as they are).
         rows: (B,) int64 rows of the current forward, or None when not yet set.
+        weights: (B, 1) float32 alphas of the current forward, or None (alpha = 1).
     """
 
     def __init__(self, num_experts: int, num_train_timesteps: int) -> None:
         self.num_experts = num_experts
         self.num_train_timesteps = num_train_timesteps
         self.slots: torch.Tensor | None = None
+        self.strengths: torch.Tensor | None = None
         self.rows = None
         self._zeros: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -73,6 +77,8 @@ class ScaleRouter:
     def rows(self, rows: torch.Tensor | None) -> None:
         self._rows = rows
         self._rows_on: dict[torch.device, torch.Tensor] = {}  # copies for other devices
+        self._weights: torch.Tensor | None = None  # set by route_timesteps after the rows
+        self._weights_on: dict[torch.device, torch.Tensor] = {}
 
     def route_timesteps(
         self,
@@ -96,13 +102,26 @@ class ScaleRouter:
         device = experts.device if device is None else torch.device(device)
         if self.slots is None:
             self.rows = experts.to(device).contiguous()
-            return
-        if batch % len(self.slots):
-            raise ValueError(
-                f"batch of {batch} samples is not a multiple of the {len(self.slots)} slots"
-            )
-        slots = self.slots.to(device).repeat(batch // len(self.slots))
-        self.rows = slots * self.num_experts + experts.to(device)
+        else:
+            if batch % len(self.slots):
+                raise ValueError(
+                    f"batch of {batch} samples is not a multiple of the {len(self.slots)} slots"
+                )
+            slots = self.slots.to(device).repeat(batch // len(self.slots))
+            self.rows = slots * self.num_experts + experts.to(device)
+        if self.strengths is not None:  # (P,) tiled like the slots: (B, 1)
+            tiles = batch // len(self.strengths)
+            self._weights = self.strengths.to(device).repeat(tiles)[:, None]
+
+    def weights_for(self, device: torch.device) -> torch.Tensor | None:
+        """(B, 1) float32 strengths of the current forward on `device`, or None (alpha = 1)."""
+        weights = self._weights
+        if weights is None or weights.device == device:
+            return weights
+        copy = self._weights_on.get(device)
+        if copy is None:
+            copy = self._weights_on[device] = weights.to(device)
+        return copy
 
     def rows_for(self, batch: int, device: torch.device) -> torch.Tensor:
         """(batch,) rows for a layer whose input has `batch` samples, on `device`.

@@ -38,6 +38,7 @@ def generate(
     num_images_per_prompt: int = 1,
     slots: Sequence[int] | None = None,
     scheduler: str | None = None,
+    strengths: float | Sequence[float] | None = None,
 ) -> list[Image.Image]:
     """Generate images, num_images_per_prompt per prompt, in prompt order.
 
@@ -50,6 +51,10 @@ def generate(
         prompt) in a UNet whose tables hold them already (ScaleTable.write).
     scheduler: a sampler by name for this call (tuneqdm.schedulers), built from the
         pipeline's scheduler config; None: the pipeline's own.
+    strengths: the strength alpha of every prompt (one number) or of each prompt:
+        its scales are s0 + alpha (s - s0) (s_in: 1 + alpha (s_in - 1)), so 0 is the
+        untuned base and 1 the subject (ScaleTable.select). None, or all 1: the
+        subject's scales exactly as without it.
     """
     prompts = list(prompts)
     if not prompts:
@@ -59,10 +64,14 @@ def generate(
     image_slots = None
     if prompt_slots is not None:
         image_slots = torch.tensor(prompt_slots).repeat_interleave(num_images_per_prompt)
+    image_strengths = _image_strengths(strengths, len(prompts), num_images_per_prompt)
+    if image_strengths is not None and table is None:
+        raise ValueError("strengths need a quantized UNet")
     device = pipe._execution_device
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in per_prompt_seeds]
     latents = _initial_latents(pipe, generators, height, width, device)
-    selection = table.select(image_slots) if table is not None else contextlib.nullcontext()
+    selection = (table.select(image_slots, image_strengths) if table is not None
+                 else contextlib.nullcontext())
     with selection, use_scheduler(pipe, scheduler):  # the pipeline's own when None
         output = pipe(prompt=prompts, negative_prompt=negative_prompt,
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -107,6 +116,26 @@ def _prompt_slots(
         install_scale_sets(unet, distinct)
         slots = [next(i for i, d in enumerate(distinct) if d is s) for s in scale_sets]
     return table, slots
+
+
+def _image_strengths(
+    strengths: float | Sequence[float] | None, num_prompts: int, per_prompt: int
+) -> torch.Tensor | None:
+    """(num_prompts * per_prompt,) float32 strength of each image, or None when every
+    strength is 1 (the unchanged, cheapest path)."""
+    if strengths is None:
+        return None
+    if isinstance(strengths, (int, float)):
+        strengths = [float(strengths)] * num_prompts
+    values = torch.as_tensor([float(a) for a in strengths], dtype=torch.float32)
+    if len(values) != num_prompts:
+        raise ValueError(f"{len(values)} strengths for {num_prompts} prompts: give one "
+                         "or one per prompt")
+    if not torch.isfinite(values).all():
+        raise ValueError(f"strengths {values.tolist()} are invalid: must be finite numbers")
+    if bool((values == 1).all()):
+        return None
+    return values.repeat_interleave(per_prompt)
 
 
 def _seeds(seed: int | list[int], num_prompts: int, per_prompt: int) -> list[int]:

@@ -90,15 +90,28 @@ class ScaleRows(nn.Module):
         """Per-sample scales ((B, in) or None, (B, out)): each sample's row of the tables.
 
         The rows come from the router (computed once per model forward, on the
-        input's device); without a router every sample uses row 0.
+        input's device); without a router every sample uses row 0. With per-sample
+        strengths alpha (B, 1) (ScaleTable.select), each sample's scales are
+        s_out = s0 + alpha (row - s0) and s_in = 1 + alpha (row - 1), as torch.lerp,
+        which is exact at alpha = 0 (the base) and alpha = 1 (the row itself).
         """
         router = self.router
         if router is None:
             rows = torch.zeros(batch, dtype=torch.long, device=device)
+            weights = None
         else:
             rows = router.rows_for(batch, device)
+            weights = router.weights_for(device)
         scale_in = None if self.scale_in is None else self.scale_in[rows]
-        return scale_in, self.scale_out[rows]
+        scale_out = self.scale_out[rows]
+        if weights is None:  # every alpha is 1: the rows as they are
+            return scale_in, scale_out
+        weights = weights.to(scale_out.dtype)
+        scale_out = torch.lerp(self.scale0.to(scale_out.dtype).expand_as(scale_out),
+                               scale_out, weights)
+        if scale_in is not None:
+            scale_in = torch.lerp(torch.ones_like(scale_in), scale_in, weights)
+        return scale_in, scale_out
 
 
 class ScaleTable:
@@ -196,17 +209,27 @@ class ScaleTable:
     # -- selection ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def select(self, slots: Sequence[int] | torch.Tensor | None) -> Iterator[None]:
+    def select(
+        self,
+        slots: Sequence[int] | torch.Tensor | None,
+        strengths: Sequence[float] | torch.Tensor | None = None,
+    ) -> Iterator[None]:
         """Within the block, the model's batches use these slots, one per sample.
 
         slots: (P,) slot of each sample, or None (slot 0 for every sample). A batch of
             k * P samples (classifier-free guidance stacks unconditional and
             conditional halves) tiles them k times; each sample's expert still follows
             its timestep. The previous selection is restored on exit.
+        strengths: (P,) finite strength alpha of each sample, or None (alpha = 1 for
+            all: the rows as they are, the cheapest path). A sample's scales are then
+            s0 + alpha (s - s0) and 1 + alpha (s_in - 1), computed when a layer gathers
+            its rows: alpha 0 is the untuned base, 1 the subject; no table is copied.
         """
-        if slots is None:
+        if slots is None and strengths is None:
             yield
             return
+        if slots is None:
+            slots = [0] * len(torch.as_tensor(strengths).reshape(-1))
         slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1)
         bad = [s for s in slots.tolist() if not 0 <= s < self.num_slots]
         if bad or not len(slots):
@@ -214,11 +237,13 @@ class ScaleTable:
                 f"slots {bad or '[]'} are invalid: one or more slot indices in "
                 f"[0, {self.num_slots}) (the tables hold {self.num_slots} slots)"
             )
-        previous, self.router.slots = self.router.slots, slots
+        weights = None if strengths is None else _check_strengths(strengths, len(slots))
+        previous = self.router.slots, self.router.strengths
+        self.router.slots, self.router.strengths = slots, weights
         try:
             yield
         finally:
-            self.router.slots = previous
+            self.router.slots, self.router.strengths = previous
 
     # -- helpers --------------------------------------------------------------------
 
@@ -230,3 +255,13 @@ class ScaleTable:
     @staticmethod
     def _attrs(layer: ScaleRows) -> tuple[str, ...]:
         return tuple(attr for attr in SCALE_ATTRS if getattr(layer, attr) is not None)
+
+
+def _check_strengths(strengths: Sequence[float] | torch.Tensor, count: int) -> torch.Tensor:
+    """(count,) float32 strengths, or ValueError naming what is wrong."""
+    weights = torch.as_tensor(strengths, dtype=torch.float32).reshape(-1)
+    if len(weights) != count:
+        raise ValueError(f"{len(weights)} strengths for {count} slots: give one per slot")
+    if not torch.isfinite(weights).all():
+        raise ValueError(f"strengths {weights.tolist()} are invalid: must be finite numbers")
+    return weights

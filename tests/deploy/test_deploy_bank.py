@@ -126,6 +126,25 @@ def test_mixed_batch_is_one_unet_batch_and_matches_offline(engine, loaded, offli
             assert_close(image, ref)
 
 
+def test_mixed_strengths_in_one_batch_match_each_alone(engine, loaded):
+    def request(subject: str, strength: float, seed: int) -> GenerationRequest:
+        return GenerationRequest(loaded[subject], GenerationParams(
+            _prompt(subject), seed=seed, num_inference_steps=STEPS, height=16, width=16,
+            strength=strength))
+
+    requests = [request("dog", 0.5, 11), request("cat", 1.5, 22), request("dog", 1.0, 33)]
+    together = engine.run(requests)
+    assert all(r.batch_subjects == 2 and r.batch_images == 3 for r in together)
+    for req, result in zip(requests, together, strict=True):
+        alone = engine.run([req])[0].images[0]
+        assert_close(result.images[0], np.asarray(alone).astype(np.int16))
+    full = engine.run([request("dog", 1.0, 11)])[0].images[0]
+    base = engine.run([request("dog", 0.0, 11)])[0].images[0]
+    half = np.asarray(together[0].images[0]).astype(np.int16)
+    for other in (full, base):  # alpha 0.5 is neither the subject nor the base
+        assert np.abs(half - np.asarray(other).astype(np.int16)).mean() > 0.5
+
+
 def test_subjects_give_different_images(offline_images, engine, loaded):
     """The check above is discriminating: the wrong subject's scales change the image."""
     params = GenerationParams(_prompt("dog"), seed=11, num_inference_steps=STEPS, height=16,

@@ -130,6 +130,9 @@ BAD_BODIES = [
     ({"prompt": "x", "seed": MAX_SEED, "num_images": 2}, "passes the largest seed"),
     ({"prompt": "x", "sampler": "euler"}, "sampler: Extra inputs are not permitted"),
     ({"prompt": ["x"]}, "prompt"),
+    ({"prompt": "x", "strength": 1.6}, "strength: Input should be less than or equal to 1.5"),
+    ({"prompt": "x", "strength": -0.1}, "strength: Input should be greater than or equal to 0"),
+    ({"prompt": "x", "strength": "1"}, "strength"),
 ]
 
 
@@ -138,6 +141,25 @@ def test_bad_parameters_are_422_with_a_message(client, body, expected):
     response = client.post("/v1/subjects/dog/images", json=body)
     assert response.status_code == 422, response.text
     assert expected in response.json()["error"]
+
+
+def test_strength_zero_is_the_base_and_one_is_the_subject(client):
+    def png(subject: str, **extra) -> bytes:
+        response = client.post(f"/v1/subjects/{subject}/images",
+                               json={"prompt": "a photo", "seed": 3, **extra})
+        assert response.status_code == 200, response.text
+        return response.content
+
+    # alpha 0: every subject's scales are the base's, so the images are the same bytes
+    assert png("dog", strength=0.0) == png("cat", strength=0)
+    assert png("dog", strength=1.0) == png("dog")  # the default is the subject as today
+    assert png("dog", strength=0.5) not in (png("dog"), png("dog", strength=0.0))
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ImageRequest"]
+    strength = schema["properties"]["strength"]
+    assert (strength["minimum"], strength["maximum"], strength["default"]) == (0.0, 1.5, 1.0)
+    page = client.get("/").text  # the playground's slider and image count
+    assert 'id="strength" type="range" min="0" max="1.5"' in page
+    assert 'id="count" type="number" min="1" max="3"' in page
 
 
 @pytest.mark.parametrize("raw", ['{"prompt": "x", "guidance_scale": NaN}', "{not json",

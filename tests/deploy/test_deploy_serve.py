@@ -24,6 +24,9 @@ from tuneqdm_cli.main import main
 SOLO = "/solo"
 
 
+METRICS_PORT: list[int] = []  # Ray's Prometheus endpoint, when the fixture started Ray
+
+
 @pytest.fixture(scope="module")
 def server(trained_output):
     """Base URL of the running Serve instance (both apps deployed)."""
@@ -34,9 +37,10 @@ def server(trained_output):
 
     started = not ray.is_initialized()
     if started:
+        METRICS_PORT.append(free_port())
         ray.init(num_cpus=2, object_store_memory=96 * 2**20, include_dashboard=False,
                  namespace="tuneqdm-deploy-test", log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False, _metrics_export_port=METRICS_PORT[0])
     try:
         port = free_port()
         result = CliRunner().invoke(main, [
@@ -231,6 +235,21 @@ def test_playground_in_headless_chromium(server):
             "const i = document.getElementById('result');"
             "return !i.hidden && i.complete && i.naturalWidth;") == 16)
         assert browser.find_element(By.ID, "status").text.startswith("seed 21,")
+        assert "batch: 1 image(s), 1 subject(s)" in browser.find_element(By.ID, "status").text
+
+        # several images at once, at strength 0 (the slider set by script, as a user drags)
+        count = browser.find_element(By.ID, "count")
+        count.clear()
+        count.send_keys("2")
+        browser.execute_script("const s = document.getElementById('strength');"
+                               "s.value = '0'; s.dispatchEvent(new Event('input'));")
+        assert browser.find_element(By.ID, "strength-value").text == "0"
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: b.execute_script(
+            "const imgs = document.querySelectorAll('#gallery img');"
+            "return imgs.length === 2 && [...imgs].every((i) => !i.hidden && i.complete"
+            " && i.naturalWidth === 16);"))
+        assert "batch: 2 image(s)" in browser.find_element(By.ID, "status").text
 
         steps = browser.find_element(By.ID, "steps")
         steps.clear()
@@ -241,3 +260,32 @@ def test_playground_in_headless_chromium(server):
         assert "num_inference_steps" in status.text and status.get_attribute("class") == "error"
     finally:
         browser.quit()
+
+
+def test_app_metrics_on_rays_prometheus_endpoint(server, http):
+    """The app's own metrics next to Serve's, after a few requests."""
+    import time
+
+    if not METRICS_PORT:
+        pytest.skip("Ray was started elsewhere: its metrics port is not known")
+    for seed in range(3):
+        assert http.post("/v1/subjects/dog/images", json={"prompt": "x", "seed": seed}
+                         ).status_code == 200
+    assert http.post("/v1/subjects/nobody/images", json={"prompt": "x"}).status_code == 404
+    wanted = ("ray_tuneqdm_batch_images_count", "ray_tuneqdm_batch_subjects_bucket",
+              "ray_tuneqdm_scale_set_loads", "ray_tuneqdm_bank_misses",
+              "ray_tuneqdm_queued_images", 'ray_tuneqdm_request_seconds_count{',
+              "ray_serve_num_http_requests")
+    text, deadline = "", time.monotonic() + 120  # exported every few seconds
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT[0]}/metrics", timeout=10).text
+        if all(name in text for name in wanted) and 'status="404"' in text:
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("ray_tuneqdm_batch_images_count")]
+    assert sum(counts) >= 3  # one batch per sequential request at least
+    assert any('status="200"' in line and "tuneqdm_request_seconds_count" in line
+               for line in text.splitlines())
