@@ -134,6 +134,14 @@ def _conv_u(xs: torch.Tensor, weight: PackedWeight, geo: ConvGeometry, use_cache
     return u, factor
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast asks for on x's device, or None when autocast is off."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd is recording and any of `tensors` requires a gradient."""
     if not torch.is_grad_enabled():
@@ -146,8 +154,14 @@ def scaled_quant_linear(x, scale_in, scale_out, bias, weight: PackedWeight) -> t
 
     The autograd Function when a gradient is wanted; else the inference path: the
     same arithmetic without autograd's bookkeeping (nothing saved, the output scaled
-    in place), with the layer's cached centred weight when it has one.
+    in place), with the layer's cached centred weight when it has one. Under autocast
+    (bf16 training on CUDA) x is cast to autocast's dtype and the layer computes in it,
+    scales still float32; the output is in that dtype.
     """
+    amp = _autocast_dtype(x)
+    if amp is not None:  # compute in autocast's dtype, centred: no bf16 cancellation
+        with torch.autocast(x.device.type, enabled=False):
+            return scaled_quant_linear(x.to(amp), scale_in, scale_out, bias, weight)
     if needs_autograd(x, scale_in, scale_out, bias):
         return ScaledQuantLinear.apply(x, scale_in, scale_out, bias, weight)
     xs = x if scale_in is None else x * _per_sample(scale_in, x.dim(), -1, x.dtype)
@@ -163,6 +177,10 @@ def scaled_quant_conv2d(
 
     Dispatches like `scaled_quant_linear`; with a cached weight no box filter runs.
     """
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return scaled_quant_conv2d(x.to(amp), scale_in, scale_out, bias, weight, geo)
     if needs_autograd(x, scale_in, scale_out, bias):
         return ScaledQuantConv2d.apply(x, scale_in, scale_out, bias, weight, geo)
     xs = x if scale_in is None else x * _per_sample(scale_in, 4, 1, x.dtype)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Subject, TrainingData, load_image_folder, prepare_data
+from .device import model_device_dtype, training_autocast
 from .model import enable_timestep_experts, quantized_layers, reset_scales, scale_parameters
 from .scaleset import ScaleSet
 
@@ -128,12 +129,14 @@ def finetune(
     subjects: list[Subject],
     config: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
+    autocast: torch.dtype | str | None = "auto",
 ) -> TrainResult:
     """Fine-tune `pipe.unet` on `subjects` (trained jointly when there are several).
 
     For method "scales" the UNet must be quantized; its scales are reset to (s0, 1)
     first, so one loaded base can train many subjects in turn. Returns the losses
     and, for "scales", a ScaleSet with the subjects' ids, tokens and class nouns.
+    autocast: see `train_unet`.
     """
     if not subjects:
         raise TrainingError("finetune needs at least one subject")
@@ -142,7 +145,7 @@ def finetune(
     data = prepare_data(pipe, subjects, resolution, class_images)
     unet = pipe.unet
     groups = _parameter_groups(unet, config)
-    result = train_unet(unet, pipe.scheduler, data, config, groups, on_step)
+    result = train_unet(unet, pipe.scheduler, data, config, groups, on_step, autocast)
     if config.method == "scales":
         result.scale_set = ScaleSet.from_model(
             unet,
@@ -160,8 +163,17 @@ def train_unet(
     config: TrainConfig,
     groups: list[dict[str, Any]],
     on_step: Callable[[int, float], None] | None = None,
+    autocast: torch.dtype | str | None = "auto",
 ) -> TrainResult:
-    """The loop: AdamW over `groups`, constant lr, gradient clipping, seeded."""
+    """The loop: AdamW over `groups`, constant lr, gradient clipping, seeded.
+
+    autocast: the forward's autocast dtype; "auto" is bf16 for an fp32 model on CUDA
+    and none elsewhere (tuneqdm.device.training_autocast). Parameters, scales and
+    optimiser state stay float32; the loss is computed in float32.
+    """
+    device, compute_dtype = model_device_dtype(unet)
+    if autocast == "auto":
+        autocast = training_autocast(device, compute_dtype)
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(groups, config.optimizer)
@@ -172,7 +184,8 @@ def train_unet(
     start = time.perf_counter()
     try:
         for step in range(config.steps):
-            loss = training_loss(unet, scheduler, data, config, generator)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = training_loss(unet, scheduler, data, config, generator)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -265,7 +278,7 @@ def _predict(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    device, dtype = _device_dtype(unet)
+    device, dtype = model_device_dtype(unet)
     embeddings = data.embeddings[data.prompt_of[index]]  # (B, L, D)
     prediction = unet(
         noisy.to(device, dtype),
@@ -286,16 +299,6 @@ def _sample_instances(
         images = per_subject[s]
         picks.append(images[torch.randint(len(images), (1,), generator=generator)])
     return torch.cat(picks)
-
-
-def _device_dtype(unet: nn.Module) -> tuple[torch.device, torch.dtype]:
-    layers = quantized_layers(unet)
-    if layers:
-        layer = next(iter(layers.values()))
-        compute = layer.bias.dtype if layer.bias is not None else torch.float32
-        return layer.packed.device, compute
-    param = next(unet.parameters())
-    return param.device, param.dtype
 
 
 def _parameter_groups(unet: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
