@@ -1,91 +1,61 @@
 """Scaled quantized linear and conv2d with a memory-lean custom backward.
 
-DESIGN section 2: diagonal scales move from the weight onto the activations,
+docs/design.md §2: diagonal scales move from the weight onto the activations,
 
     W = s_out[:, None] * (W_q - z) * s_in[None, :]
     y = s_out * ((W_q - z) @ (s_in * x)) + bias
     conv: y = s_out * conv(s_in * x, W_q - z) + bias
 
-and the zero point is folded out of the weight so the integers are only ever cast,
-never rewritten:  (W_q - z) @ v = W_u @ v - z_u * sum(v)  with W_u = W_q - qmin
-(unsigned, straight from the packed bytes) and z_u = z - qmin. For a conv the sum is a
-box filter over each group's kernel window (a conv with an all-ones kernel).
-Folding is for float32/float64 only: in bf16/fp16 the two terms (each ~z_u * sum(v))
-are rounded to 8 or 11 bits before they cancel, which cost 8% relative error through a
-tiny UNet (tests/tuneqdm/test_bf16.py). There the weight is expanded as W_q - z instead,
-integers in [-255, 255], exact in both formats, and nothing cancels.
+Two paths, chosen per call by `scaled_quant_linear` / `scaled_quant_conv2d`:
+
+- Training (autograd records and something needs a gradient): the autograd Functions
+  below. In float32/float64 the zero point is folded out of the weight so the
+  integers are only ever cast, never rewritten:  (W_q - z) @ v = W_u @ v - z_u * sum(v)
+  with W_u = W_q - qmin (unsigned, straight from the packed bytes) and z_u = z - qmin;
+  for a conv the sum is a box filter over each group's kernel window (a conv with a
+  cached all-ones kernel). In bf16/fp16 the two terms (each ~z_u * sum(v)) would be
+  rounded to 8 or 11 bits before they cancel, which cost 8% relative error through a
+  tiny UNet (tests/tuneqdm/test_bf16.py); there the weight is expanded as W_q - z
+  instead, integers in [-255, 255], exact in both formats, and nothing cancels.
+  Autograd keeps the layer input and the pre-scale output u; the float weight is
+  re-expanded from the packed integers in backward and never saved.
+- Inference (no gradient wanted): the centred weight W_q - z (from the layer's cache,
+  `tuneqdm.inference.cache_expanded_weights`, or expanded in one pass), one matmul or
+  conv, no box filter, nothing saved, the output scaled and biased in place.
+
+In fp16 the centred weight is pre-scaled per output row by a power of two near s0
+(packed.fp16_row_factor) so that u, otherwise in integer units (about 1/s0 times the
+output), stays within fp16's range; s_out is divided by the same factor in float32.
 
 Scales are per sample, (B, out) and (B, in), so one batch can mix timesteps (experts)
-and subjects. Autograd keeps the layer input and the pre-scale output u; the float
-weight is re-expanded from the packed integers in backward and never saved.
+and subjects.
 
-Speed on CPU (benchmarks/train_memory.py, docs/benchmarks.md): the expanded weight is
-written into a buffer reused by every call of the thread (`_transient_buffer`), since a
-fresh allocation of it costs more in page faults than the conversion; and the
-zero-point and scale corrections are in-place fused multiply-adds (addcmul), so a
-layer runs few element-wise passes over its activations.
+Speed on CPU (docs/benchmarks.md): the expanded weight is written into a buffer reused
+by every call of the thread (packed._transient_buffer), since a fresh allocation of
+it costs more in page faults than the conversion; the zero-point and scale
+corrections are in-place fused multiply-adds (addcmul), so a layer runs few
+element-wise passes over its activations.
 """
 
 from __future__ import annotations
 
-import math
-import threading
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .quant import unpack_unsigned
+from .packed import EXPANDED_WEIGHT, PackedWeight
 
-_THREAD_BUFFERS = threading.local()
-
-
-def _transient_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat (numel,) CPU buffer of `dtype`, reused by every kernel call of this thread.
-
-    Valid until the next call in the same thread. It grows to the largest layer and
-    stays (59 MB in fp32 for SD v1's largest, a 1280 x 1280 x 3 x 3 conv). Why: on
-    CPU, glibc returns large freed blocks to the OS, so a fresh weight-sized tensor
-    faults every page in again; that cost 6x the uint8 -> float conversion itself here.
-    """
-    buffers = getattr(_THREAD_BUFFERS, "by_dtype", None)
-    if buffers is None:
-        buffers = _THREAD_BUFFERS.by_dtype = {}
-    buffer = buffers.get(dtype)
-    if buffer is None or buffer.numel() < numel:
-        # a normal tensor even when first called under inference_mode: an inference
-        # tensor could not be written to by a later forward outside inference_mode
-        with torch.inference_mode(False):
-            buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buffer[:numel]
-
-
-@dataclass
-class PackedWeight:
-    """A frozen packed integer weight, as the kernels read it.
-
-    packed: flat uint8 stream (see quant.pack_int); shape: the weight's shape,
-    (out, in) or (out, in / groups, kh, kw); zero_u: (out,) float, z - qmin.
-    """
-
-    packed: torch.Tensor
-    bits: int
-    shape: tuple[int, ...]
-    zero_u: torch.Tensor
-
-    def expand(self, dtype: torch.dtype) -> torch.Tensor:
-        """W_u = W_q - qmin as `dtype`, shape `self.shape` (a new tensor)."""
-        numel = math.prod(self.shape)
-        return unpack_unsigned(self.packed, self.bits, numel, dtype).view(self.shape)
-
-    def expand_transient(self, dtype: torch.dtype) -> torch.Tensor:
-        """W_u like `expand`, on CPU written into this thread's reused buffer: only valid
-        until the next `expand_transient` of the thread, so use it and drop it."""
-        if self.packed.device.type != "cpu":
-            return self.expand(dtype)  # the CUDA caching allocator already reuses memory
-        numel = math.prod(self.shape)
-        out = _transient_buffer(numel, dtype)
-        return unpack_unsigned(self.packed, self.bits, numel, dtype, out=out).view(self.shape)
+__all__ = [
+    "EXPANDED_WEIGHT",
+    "ConvGeometry",
+    "PackedWeight",
+    "ScaledQuantConv2d",
+    "ScaledQuantLinear",
+    "scaled_quant_conv2d",
+    "scaled_quant_linear",
+]
 
 
 @dataclass(frozen=True)
@@ -96,16 +66,26 @@ class ConvGeometry:
     groups: int
 
 
-def _expanded(weight: PackedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W, z_u) for float32/float64: W = W_u, the caller subtracts z_u * sum; else
-    (W_q - z, None): centred integers, exact in bf16/fp16. W is transient (see
-    `PackedWeight.expand_transient`)."""
-    w_u = weight.expand_transient(dtype)
-    zero = weight.zero_u.to(dtype)
-    if dtype in (torch.float32, torch.float64):
-        return w_u, zero
-    w_u.view(w_u.shape[0], -1).sub_(zero[:, None])
-    return w_u, None
+def _expanded(weight: PackedWeight, dtype: torch.dtype, use_cache: bool = False):
+    """The kernels' weight, (W, z_u or None, factor or None).
+
+    float32/float64 without a usable cache (always so in training): (W_u, z_u, None),
+    the caller subtracts z_u * sum. Otherwise the centred W_q - z from
+    `PackedWeight.centred` (exact in bf16/fp16, pre-scaled by the fp16 row factor):
+    (W, None, factor). W is transient unless it is the cache: never write into it.
+    """
+    fold = dtype in (torch.float32, torch.float64)
+    if fold and use_cache and weight.cached is not None:
+        fold = not weight.cached.serves(weight.packed, dtype)
+    if fold:
+        return weight.expand_transient(dtype), weight.zero_u.to(dtype), None
+    w, factor = weight.centred(dtype)
+    return w, None, factor
+
+
+def _divided(scale_out: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """s_out / factor, (B, out) float32: the output scale that goes with a pre-scaled W."""
+    return scale_out if factor is None else scale_out / factor
 
 
 def _per_sample(scale: torch.Tensor, ndim: int, channel_dim: int, dtype: torch.dtype):
@@ -115,11 +95,98 @@ def _per_sample(scale: torch.Tensor, ndim: int, channel_dim: int, dtype: torch.d
     return scale.to(dtype).view(shape)
 
 
-def _scale_and_bias(u: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, view):
-    """u * scale + bias in one pass; bias (C,) viewed as `view` to broadcast."""
+def _scale_and_bias(u, scale, bias, view, in_place: bool = False) -> torch.Tensor:
+    """u * scale + bias in one pass, written over u when `in_place` (no new
+    activation-sized tensor); bias (C,) viewed as `view` to broadcast."""
     if bias is None:
-        return u * scale
-    return torch.addcmul(bias.to(u.dtype).view(view), u, scale)
+        return u.mul_(scale) if in_place else u * scale
+    out = u if in_place else None
+    return torch.addcmul(bias.to(u.dtype).view(view), u, scale, out=out)
+
+
+def _linear_u(xs: torch.Tensor, weight: PackedWeight, use_cache: bool):
+    """(u, factor): u = ((W_q - z) @ xs) * factor, (B, ..., out); xs (B, ..., in)."""
+    w, zero, factor = _expanded(weight, xs.dtype, use_cache)
+    u = F.linear(xs, w)
+    if zero is not None:  # u -= z_u * sum(xs), in place
+        u.addcmul_(xs.sum(dim=-1, keepdim=True), zero, value=-1)
+    return u, factor
+
+
+def _conv_u(xs: torch.Tensor, weight: PackedWeight, geo: ConvGeometry, use_cache: bool):
+    """(u, factor): u = conv(xs, W_q - z) * factor, (B, Cout, H', W'); xs (B, Cin, H, W)."""
+    w, zero, factor = _expanded(weight, xs.dtype, use_cache)  # (Cout, Cin / groups, kh, kw)
+    u = F.conv2d(xs, w, None, geo.stride, geo.padding, geo.dilation, geo.groups)
+    if zero is not None:
+        box = F.conv2d(
+            xs,
+            _box_kernel(weight, geo, xs),
+            None,
+            geo.stride,
+            geo.padding,
+            geo.dilation,
+            geo.groups,
+        )  # (B, groups, H', W')
+        # u -= z_u * box, in place; output channel o reads the box of its group
+        groups, per_group = geo.groups, weight.shape[0] // geo.groups
+        u_grouped = u.unflatten(1, (groups, per_group))  # (B, G, Cout / G, H', W')
+        u_grouped.addcmul_(box.unsqueeze(2), zero.view(1, groups, per_group, 1, 1), value=-1)
+    return u, factor
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast asks for on x's device, or None when autocast is off."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd is recording and any of `tensors` requires a gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def scaled_quant_linear(x, scale_in, scale_out, bias, weight: PackedWeight) -> torch.Tensor:
+    """y = s_out * ((W_q - z) @ (s_in x)) + bias; shapes as `ScaledQuantLinear`.
+
+    The autograd Function when a gradient is wanted; else the inference path: the
+    same arithmetic without autograd's bookkeeping (nothing saved, the output scaled
+    in place), with the layer's cached centred weight when it has one. Under autocast
+    (bf16 training on CUDA) x is cast to autocast's dtype and the layer computes in it,
+    scales still float32; the output is in that dtype.
+    """
+    amp = _autocast_dtype(x)
+    if amp is not None:  # compute in autocast's dtype, centred: no bf16 cancellation
+        with torch.autocast(x.device.type, enabled=False):
+            return scaled_quant_linear(x.to(amp), scale_in, scale_out, bias, weight)
+    if needs_autograd(x, scale_in, scale_out, bias):
+        return ScaledQuantLinear.apply(x, scale_in, scale_out, bias, weight)
+    xs = x if scale_in is None else x * _per_sample(scale_in, x.dim(), -1, x.dtype)
+    u, factor = _linear_u(xs, weight, use_cache=True)
+    scale = _per_sample(_divided(scale_out, factor), u.dim(), -1, u.dtype)
+    return _scale_and_bias(u, scale, bias, (-1,), in_place=True)
+
+
+def scaled_quant_conv2d(
+    x, scale_in, scale_out, bias, weight: PackedWeight, geo: ConvGeometry
+) -> torch.Tensor:
+    """y = s_out * conv(s_in x, W_q - z) + bias; shapes as `ScaledQuantConv2d`.
+
+    Dispatches like `scaled_quant_linear`; with a cached weight no box filter runs.
+    """
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return scaled_quant_conv2d(x.to(amp), scale_in, scale_out, bias, weight, geo)
+    if needs_autograd(x, scale_in, scale_out, bias):
+        return ScaledQuantConv2d.apply(x, scale_in, scale_out, bias, weight, geo)
+    xs = x if scale_in is None else x * _per_sample(scale_in, 4, 1, x.dtype)
+    u, factor = _conv_u(xs, weight, geo, use_cache=True)
+    scale = _per_sample(_divided(scale_out, factor), 4, 1, u.dtype)
+    return _scale_and_bias(u, scale, bias, (1, -1, 1, 1), in_place=True)
 
 
 class ScaledQuantLinear(torch.autograd.Function):
@@ -132,14 +199,11 @@ class ScaledQuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale_in, scale_out, bias, weight: PackedWeight):
         xs = x if scale_in is None else x * _per_sample(scale_in, x.dim(), -1, x.dtype)
-        w, zero = _expanded(weight, x.dtype)
-        u = F.linear(xs, w)  # (B, ..., out)
-        del w
-        if zero is not None:  # u -= z_u * sum(xs), in place
-            u.addcmul_(xs.sum(dim=-1, keepdim=True), zero, value=-1)
+        u, factor = _linear_u(xs, weight, use_cache=False)  # (B, ..., out)
         del xs
-        y = _scale_and_bias(u, _per_sample(scale_out, u.dim(), -1, u.dtype), bias, (-1,))
-        ctx.weight = weight
+        scale = _per_sample(_divided(scale_out, factor), u.dim(), -1, u.dtype)
+        y = _scale_and_bias(u, scale, bias, (-1,))
+        ctx.weight, ctx.factor = weight, factor
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, scale_in, scale_out, u)
         return y
@@ -148,13 +212,14 @@ class ScaledQuantLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, scale_in, scale_out, u = ctx.saved_tensors
         weight: PackedWeight = ctx.weight
+        factor = ctx.factor
         sum_dims = tuple(range(1, grad_y.dim() - 1))  # token dims between B and channels
-        grad_scale_out = _reduce(grad_y * u, sum_dims).to(scale_out.dtype)  # (B, out)
-        grad_u = grad_y * _per_sample(scale_out, grad_y.dim(), -1, grad_y.dtype)
+        grad_scale_out = _grad_scale_out(grad_y * u, sum_dims, factor, scale_out.dtype)
+        grad_u = grad_y * _per_sample(_divided(scale_out, factor), grad_y.dim(), -1, grad_y.dtype)
         grad_scale_in = grad_x = None
         want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
         if ctx.needs_input_grad[0] or want_scale_in:
-            w, zero = _expanded(weight, grad_u.dtype)
+            w, zero, _ = _expanded(weight, grad_u.dtype)
             grad_xs = torch.matmul(grad_u, w)  # (B, ..., in)
             del w
             if zero is not None:
@@ -182,20 +247,11 @@ class ScaledQuantConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale_in, scale_out, bias, weight: PackedWeight, geo: ConvGeometry):
         xs = x if scale_in is None else x * _per_sample(scale_in, 4, 1, x.dtype)
-        w, zero = _expanded(weight, x.dtype)  # (Cout, Cin / groups, kh, kw)
-        u = F.conv2d(xs, w, None, geo.stride, geo.padding, geo.dilation, geo.groups)
-        del w
-        if zero is not None:
-            box = F.conv2d(xs, _box_kernel(weight, geo, x), None, geo.stride, geo.padding,
-                           geo.dilation, geo.groups)  # (B, groups, H', W')
-            # u -= z_u * box, in place; output channel o reads the box of its group
-            groups, per_group = geo.groups, weight.shape[0] // geo.groups
-            u_grouped = u.unflatten(1, (groups, per_group))  # (B, G, Cout / G, H', W')
-            u_grouped.addcmul_(box.unsqueeze(2), zero.view(1, groups, per_group, 1, 1), value=-1)
-            del box
+        u, factor = _conv_u(xs, weight, geo, use_cache=False)  # (B, Cout, H', W')
         del xs
-        y = _scale_and_bias(u, _per_sample(scale_out, 4, 1, u.dtype), bias, (1, -1, 1, 1))
-        ctx.weight, ctx.geo, ctx.has_bias = weight, geo, bias is not None
+        scale = _per_sample(_divided(scale_out, factor), 4, 1, u.dtype)
+        y = _scale_and_bias(u, scale, bias, (1, -1, 1, 1))
+        ctx.weight, ctx.geo, ctx.has_bias, ctx.factor = weight, geo, bias is not None, factor
         ctx.save_for_backward(x, scale_in, scale_out, u)
         return y
 
@@ -204,12 +260,13 @@ class ScaledQuantConv2d(torch.autograd.Function):
         x, scale_in, scale_out, u = ctx.saved_tensors
         weight: PackedWeight = ctx.weight
         geo: ConvGeometry = ctx.geo
-        grad_scale_out = (grad_y * u).sum(dim=(2, 3)).to(scale_out.dtype)  # (B, Cout)
-        grad_u = grad_y * _per_sample(scale_out, 4, 1, grad_y.dtype)
+        factor = ctx.factor
+        grad_scale_out = _grad_scale_out(grad_y * u, (2, 3), factor, scale_out.dtype)
+        grad_u = grad_y * _per_sample(_divided(scale_out, factor), 4, 1, grad_y.dtype)
         grad_scale_in = grad_x = None
         want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
         if ctx.needs_input_grad[0] or want_scale_in:
-            w, zero = _expanded(weight, grad_u.dtype)
+            w, zero, _ = _expanded(weight, grad_u.dtype)
             grad_xs = _conv_input_grad(x, w, grad_u, geo)
             del w
             if zero is not None:
@@ -233,10 +290,27 @@ def _reduce(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return t.sum(dim=dims) if dims else t
 
 
+def _grad_scale_out(grad_y_u, dims, factor, dtype) -> torch.Tensor:
+    """d loss / d s_out = sum over dims of grad_y * u, (B, out) in `dtype`. With a
+    pre-scaled u (fp16) the sum runs in float32 and is divided by the factor."""
+    if factor is None:
+        return _reduce(grad_y_u, dims).to(dtype)
+    summed = grad_y_u.sum(dim=dims, dtype=torch.float32) if dims else grad_y_u.float()
+    return (summed / factor).to(dtype)
+
+
 def _box_kernel(weight: PackedWeight, geo: ConvGeometry, like: torch.Tensor) -> torch.Tensor:
     """All-ones kernel (groups, Cin / groups, kh, kw): sums each group's window."""
     _, cin_per_group, kh, kw = weight.shape
-    return torch.ones(geo.groups, cin_per_group, kh, kw, dtype=like.dtype, device=like.device)
+    return _ones(geo.groups, cin_per_group, kh, kw, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _ones(groups, cin_per_group, kh, kw, dtype, device) -> torch.Tensor:
+    """A cached all-ones kernel (a few KB each; the UNet has a few dozen shapes).
+    A normal tensor even under inference_mode, so that backward may use it too."""
+    with torch.inference_mode(False):
+        return torch.ones(groups, cin_per_group, kh, kw, dtype=dtype, device=device)
 
 
 def _conv_input_grad(x, kernel, grad_out, geo: ConvGeometry) -> torch.Tensor:

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .functional import ConvGeometry, PackedWeight, ScaledQuantConv2d, ScaledQuantLinear
+from .functional import (
+    EXPANDED_WEIGHT,
+    ConvGeometry,
+    PackedWeight,
+    scaled_quant_conv2d,
+    scaled_quant_linear,
+)
 from .quant import pack_int, packed_nbytes, quantize_weight, unpack_int
 from .scaletable import ScaleRows
 
@@ -96,7 +102,14 @@ class QuantizedLayer(ScaleRows):
         ]
 
     def _packed_weight(self) -> PackedWeight:
-        return PackedWeight(self.packed, self.bits, self.weight_shape, self.zero - self._qmin)
+        return PackedWeight(
+            self.packed,
+            self.bits,
+            self.weight_shape,
+            self.zero - self._qmin,
+            self.scale0,
+            self.__dict__.get(EXPANDED_WEIGHT),
+        )
 
 
 class QuantLinear(QuantizedLayer):
@@ -118,7 +131,7 @@ class QuantLinear(QuantizedLayer):
         if x.dim() == 1:
             return self.forward(x[None])[0]
         scale_in, scale_out = self._scales(x.shape[0], x.device)
-        return ScaledQuantLinear.apply(x, scale_in, scale_out, self.bias, self._packed_weight())
+        return scaled_quant_linear(x, scale_in, scale_out, self.bias, self._packed_weight())
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
@@ -174,7 +187,7 @@ class QuantConv2d(QuantizedLayer):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self.pre_pad, mode=mode)
         scale_in, scale_out = self._scales(x.shape[0], x.device)
-        return ScaledQuantConv2d.apply(
+        return scaled_quant_conv2d(
             x, scale_in, scale_out, self.bias, self._packed_weight(), self.geometry
         )
 

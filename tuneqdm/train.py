@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Subject, TrainingData, TrainingError, class_images, prepare_data
+from .device import model_device_dtype, training_autocast
 from .model import enable_timestep_experts, quantized_layers, reset_scales, scale_parameters
 from .scaleset import ScaleSet
 from .trainstate import TrainState
@@ -140,6 +141,7 @@ def finetune(
     config: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
     resumption: Resumption | None = None,
+    autocast: torch.dtype | str | None = "auto",
 ) -> TrainResult:
     """Fine-tune `pipe.unet` on `subjects` (trained jointly when there are several).
 
@@ -147,7 +149,8 @@ def finetune(
     first, so one loaded base can train many subjects in turn. Returns the losses
     and, for "scales", a ScaleSet with the subjects' ids, tokens and class nouns.
     `resumption` goes on from a saved state and saves it every K steps (Resumption);
-    the result's extra["resumed_from_step"] says where it went on from.
+    the result's extra["resumed_from_step"] says where it went on from. autocast: see
+    `train_unet`.
     """
     if not subjects:
         raise TrainingError("finetune needs at least one subject")
@@ -156,7 +159,8 @@ def finetune(
     data = prepare_data(pipe, subjects, resolution, priors)
     unet = pipe.unet
     groups = _parameter_groups(unet, config)
-    result = train_unet(unet, pipe.scheduler, data, config, groups, on_step, resumption)
+    result = train_unet(unet, pipe.scheduler, data, config, groups, on_step,
+                        resumption=resumption, autocast=autocast)
     if config.method == "scales":
         result.scale_set = ScaleSet.from_model(
             unet,
@@ -175,10 +179,19 @@ def train_unet(
     groups: list[dict[str, Any]],
     on_step: Callable[[int, float], None] | None = None,
     resumption: Resumption | None = None,
+    autocast: torch.dtype | str | None = "auto",
 ) -> TrainResult:
     """The loop: AdamW over `groups`, constant lr, gradient clipping, seeded; going on
-    from `resumption.state` and saving through `resumption.save` (Resumption)."""
+    from `resumption.state` and saving through `resumption.save` (Resumption).
+
+    autocast: the forward's autocast dtype; "auto" is bf16 for an fp32 model on CUDA
+    and none elsewhere (tuneqdm.device.training_autocast). Parameters, scales and
+    optimiser state stay float32; the loss is computed in float32.
+    """
     resumption = resumption or Resumption()
+    device, compute_dtype = model_device_dtype(unet)
+    if autocast == "auto":
+        autocast = training_autocast(device, compute_dtype)
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(groups, config.optimizer)
@@ -199,7 +212,8 @@ def train_unet(
     start = time.perf_counter()
     try:
         for step in range(first, config.steps):
-            loss = training_loss(unet, scheduler, data, config, generator)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = training_loss(unet, scheduler, data, config, generator)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -297,7 +311,7 @@ def _predict(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    device, dtype = _device_dtype(unet)
+    device, dtype = model_device_dtype(unet)
     embeddings = data.embeddings[data.prompt_of[index]]  # (B, L, D)
     prediction = unet(
         noisy.to(device, dtype),
@@ -318,16 +332,6 @@ def _sample_instances(
         images = per_subject[s]
         picks.append(images[torch.randint(len(images), (1,), generator=generator)])
     return torch.cat(picks)
-
-
-def _device_dtype(unet: nn.Module) -> tuple[torch.device, torch.dtype]:
-    layers = quantized_layers(unet)
-    if layers:
-        layer = next(iter(layers.values()))
-        compute = layer.bias.dtype if layer.bias is not None else torch.float32
-        return layer.packed.device, compute
-    param = next(unet.parameters())
-    return param.device, param.dtype
 
 
 def _parameter_groups(unet: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
