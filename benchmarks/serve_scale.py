@@ -48,11 +48,59 @@ SUBJECTS = (1, 10, 100, 1000, 10_000)
 CAPACITIES = (16, 64, 256, 1024)
 
 
+class _Replicas:
+    """At one bank capacity: an engine per subject count, each behind its own host LRU
+    (what Serve's multiplexed loader does), so the counts do not share a cache."""
+
+    def __init__(self, store, ids: list[str], capacity: int, counts) -> None:
+        from deploy.engine import Engine
+
+        self.store, self.ids, self.capacity = store, ids, capacity
+        self.engines = {n: Engine(store.local_base_path(), store.base.fingerprint, capacity)
+                        for n in counts}
+        self.caches: dict[int, OrderedDict] = {n: OrderedDict() for n in counts}
+        self.loads = dict.fromkeys(counts, 0)
+
+    def load(self, n: int, i: int):
+        """The subject of request i, through the host LRU and into the bank."""
+        from deploy.engine import LoadedSubject
+
+        subject_id, cache, engine = self.ids[i % n], self.caches[n], self.engines[n]
+        loaded = cache.get(subject_id)
+        if loaded is None:  # the multiplexed loader: storage -> checked ScaleSet
+            scale_set, info = self.store.read_scale_set(subject_id)
+            engine.check_fits(scale_set)
+            loaded = cache[subject_id] = LoadedSubject(info, scale_set)
+            self.loads[n] += 1
+            if len(cache) > self.capacity:
+                cache.popitem(last=False)
+        cache.move_to_end(subject_id)
+        return loaded
+
+    def one(self, n: int, i: int, params) -> float:
+        """One request; returns the seconds of its serving-path work before the UNet
+        (host LRU, storage on a miss, bank slot): the added latency itself."""
+        from deploy.engine import GenerationRequest
+
+        start = time.perf_counter()
+        loaded = self.load(n, i)
+        self.engines[n].bank.acquire([(loaded.key, loaded.scale_set)])  # run's is a hit
+        overhead = time.perf_counter() - start
+        self.engines[n].run([GenerationRequest(loaded, params)])
+        return overhead
+
+    def warm(self, n: int, params) -> None:
+        """Every subject resident when they all fit (else cycling misses anyway)."""
+        for i in range(n if n <= self.capacity else 0):
+            loaded = self.load(n, i)
+            self.engines[n].bank.acquire([(loaded.key, loaded.scale_set)])
+        self.one(n, 0, params)
+
+
 def latency_rows(output: Path, args) -> list[dict]:
     """One row per (capacity, subjects): median ms, p90 ms, added ms and % vs n = 1."""
     import torch
 
-    from deploy.engine import Engine, GenerationRequest, LoadedSubject
     from deploy.params import GenerationParams
     from deploy.store import SubjectStore
 
@@ -63,48 +111,16 @@ def latency_rows(output: Path, args) -> list[dict]:
                               height=args.size, width=args.size)
     rows = []
     for capacity in args.capacities:
-        engines = {n: Engine(store.local_base_path(), store.base.fingerprint, capacity)
-                   for n in args.subjects}
-        caches: dict[int, OrderedDict] = {n: OrderedDict() for n in args.subjects}
-        loads = dict.fromkeys(args.subjects, 0)
-
-        def load(n: int, i: int, capacity=capacity, caches=caches, engines=engines,
-                 loads=loads) -> LoadedSubject:
-            """The subject of request i, through the host LRU and into the bank."""
-            subject_id, cache, engine = ids[i % n], caches[n], engines[n]
-            loaded = cache.get(subject_id)
-            if loaded is None:  # the multiplexed loader: storage -> checked ScaleSet
-                scale_set, info = store.read_scale_set(subject_id)
-                engine.check_fits(scale_set)
-                loaded = cache[subject_id] = LoadedSubject(info, scale_set)
-                loads[n] += 1
-                if len(cache) > capacity:
-                    cache.popitem(last=False)
-            cache.move_to_end(subject_id)
-            return loaded
-
-        def one(n: int, i: int, engines=engines) -> float:
-            """One request; returns the seconds of its serving-path work before the
-            UNet (host LRU, storage on a miss, bank slot): the added latency itself."""
-            start = time.perf_counter()
-            loaded = load(n, i)
-            engines[n].bank.acquire([(loaded.key, loaded.scale_set)])  # run's is a hit
-            overhead = time.perf_counter() - start
-            engines[n].run([GenerationRequest(loaded, params)])
-            return overhead
-
-        for n in args.subjects:  # warm: every subject resident when they all fit
-            for i in range(n if n <= capacity else 0):  # (else cycling misses anyway)
-                loaded = load(n, i)
-                engines[n].bank.acquire([(loaded.key, loaded.scale_set)])
-            one(n, 0)
+        replicas = _Replicas(store, ids, capacity, args.subjects)
+        for n in args.subjects:
+            replicas.warm(n, params)
         seconds = {n: [] for n in args.subjects}
         overheads = {n: [] for n in args.subjects}
-        start_loads = dict(loads)
+        start_loads = dict(replicas.loads)
         for i in range(args.requests):
             for n in args.subjects:
                 start = time.perf_counter()
-                overheads[n].append(one(n, (n if n <= capacity else 1) + i))
+                overheads[n].append(replicas.one(n, (n if n <= capacity else 1) + i, params))
                 seconds[n].append(time.perf_counter() - start)
         baseline = statistics.median(seconds[args.subjects[0]])
         for n in args.subjects:
@@ -115,7 +131,8 @@ def latency_rows(output: Path, args) -> list[dict]:
                          "added_percent": 100 * (median - baseline) / baseline,
                          "path_ms": statistics.median(overheads[n]) * 1e3,
                          "path_percent": 100 * statistics.median(overheads[n]) / baseline,
-                         "loads_per_request": (loads[n] - start_loads[n]) / args.requests})
+                         "loads_per_request":
+                             (replicas.loads[n] - start_loads[n]) / args.requests})
         print(markdown_table(rows[-len(args.subjects):], LATENCY_COLUMNS), flush=True)
     return rows
 

@@ -217,3 +217,13 @@ def hook_runtime_env() -> dict[str, Any]:
     if not value or TEST_HANG_ENV in job_env_vars(os.environ):
         return {}
     return {"runtime_env": {"env_vars": {TEST_HANG_ENV: value}}}
+
+
+def start_tracker(ray, run_id: str):
+    """The progress tracker, on the driver's node (soft): losing a worker node must not
+    take the progress board and the run's metrics with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return tracker_actor().options(name=f"tuneqdm-progress-{run_id}",
+                                   scheduling_strategy=here).remote(run_id)

@@ -280,11 +280,11 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
               live_progress: bool | None, err: TextIO):
     """The pending jobs on a pool of FineTuner actors, with a live progress line.
     Returns (PoolReport, interrupted)."""
-    from .actors import finetuner_actor, hook_runtime_env, tracker_actor
+    from .actors import finetuner_actor, hook_runtime_env, start_tracker
     from .scheduler import ActorPool
 
     run_id, storage, spec_hashes = plan.run_id, plan.storage, plan.spec_hashes
-    tracker = _start_tracker(ray, tracker_actor(), run_id)
+    tracker = start_tracker(ray, run_id)
     remote_cls = finetuner_actor()
     settings_ref = ray.put(settings)
     photos = PhotoShipper(ray)
@@ -334,16 +334,6 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
         display.close()
         ray.kill(tracker, no_restart=True)
     return pool.report, interrupted
-
-
-def _start_tracker(ray, remote_cls, run_id: str):
-    """The progress tracker, on the driver's node (soft): losing a worker node must not
-    take the progress board and the run's metrics with it."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return remote_cls.options(name=f"tuneqdm-progress-{run_id}",
-                              scheduling_strategy=here).remote(run_id)
 
 
 def _event_sink(photos: PhotoShipper, display: ProgressDisplay, deadline: SubjectDeadline,

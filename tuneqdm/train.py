@@ -195,17 +195,7 @@ def train_unet(
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(groups, config.optimizer)
-    losses: list[float] = []
-    first = 0
-    if resumption.state is not None:
-        if resumption.state.step >= config.steps:
-            raise TrainingError(f"train state at step {resumption.state.step} is past the "
-                                f"run's {config.steps} steps")
-        try:
-            resumption.state.restore(params, optimizer, generator)
-        except ValueError as err:
-            raise TrainingError(str(err)) from None
-        first, losses = resumption.state.step, list(resumption.state.losses)
+    first, losses = _resume(resumption, config, params, optimizer, generator)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -239,6 +229,24 @@ def train_unet(
         trainable_numbers=sum(p.numel() for p in params),
         extra={"resumed_from_step": first},
     )
+
+
+def _resume(resumption: Resumption, config: TrainConfig, params: list[nn.Parameter],
+            optimizer: torch.optim.Optimizer,
+            generator: torch.Generator) -> tuple[int, list[float]]:
+    """(first step, losses so far): restores a saved state into the parameters, the
+    optimiser and the generator, or (0, []) without one."""
+    state = resumption.state
+    if state is None:
+        return 0, []
+    if state.step >= config.steps:
+        raise TrainingError(f"train state at step {state.step} is past the run's "
+                            f"{config.steps} steps")
+    try:
+        state.restore(params, optimizer, generator)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    return state.step, list(state.losses)
 
 
 def make_optimizer(groups: list[dict[str, Any]], name: str) -> torch.optim.Optimizer:
