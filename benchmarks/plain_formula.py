@@ -3,7 +3,7 @@
 The released TuneQDM code (arXiv 2401.04339) trains its scales by rebuilding the
 whole float weight in every forward,
 
-    W = s_out[e][:, None] * (W_q - z) * s_in[e][None, :]        (DESIGN section 1)
+    W = s_out[e][:, None] * (W_q - z) * s_in[e][None, :]        (docs/design.md §1)
 
 and running an ordinary F.linear / F.conv2d on it, with plain autograd. Autograd then
 keeps float copies of the weight alive until backward (the operands of both scale

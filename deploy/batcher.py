@@ -2,7 +2,7 @@
 
 Serve's `@serve.batch` splits a batch by multiplexed model id, i.e. by subject, which
 is exactly what TuneQDM does not need: requests for different subjects can share one
-UNet batch (DESIGN section 2). So each model replica runs its own batcher:
+UNet batch (docs/design.md §2). So each model replica runs its own batcher:
 
 - `submit(item)` queues a request and awaits its result; a full queue (more than
   `max_queued_images` images waiting) raises Overloaded at once (HTTP 503);

@@ -24,7 +24,7 @@ class QuantConfig:
     Attributes:
         bits: integer width of the frozen weights, one of 2, 3, 4, 8.
         symmetric: symmetric grid (z = 0, s0 = max|row| / qmax) instead of the
-            asymmetric min/max grid of DESIGN section 1.
+            asymmetric min/max grid of docs/design.md §1.
         method: "tuneqdm" (trainable s_out and s_in, N experts) or "peqa"
             (trainable s_out only, one copy).
         num_experts: N, copies of the scales, one per timestep interval. PEQA uses 1.

@@ -1,6 +1,6 @@
 """Pure quantization primitives: per-output-channel grid, rounding, bit packing.
 
-The grid is DESIGN section 1 (TuneQDM arXiv 2401.04339, eq. 1; PEQA):
+The grid is docs/design.md §1 (TuneQDM arXiv 2401.04339, eq. 1; PEQA):
 
     qmin = -2^(b-1), qmax = 2^(b-1) - 1
     s0   = (max_row - min_row) / (qmax - qmin)      clamped below at 1e-8

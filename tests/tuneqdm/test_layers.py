@@ -1,6 +1,6 @@
 """Quantized layers and quantize_: the custom autograd path against plain autograd.
 
-Parity (DESIGN section 2): QuantLinear / QuantConv2d compute
+Parity (docs/design.md §2): QuantLinear / QuantConv2d compute
 y = s_out * ((W_q - z) @ (s_in * x)) + bias with a hand-written backward that never
 keeps a float weight. The reference builds W_r = s_out[r] * (W_q - z) * s_in[r] for
 each sample's row r and runs the ORIGINAL float module (so PyTorch's own padding,

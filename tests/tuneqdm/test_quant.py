@@ -1,4 +1,4 @@
-"""Quantization primitives: the grid of DESIGN section 1, rounding, bit packing."""
+"""Quantization primitives: the grid of docs/design.md §1, rounding, bit packing."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ ALL_BITS = (2, 3, 4, 8)
 
 
 def reference_grid(weight: torch.Tensor, bits: int, symmetric: bool):
-    """DESIGN section 1 written out literally, per row, in float32: (q, z, s0)."""
+    """docs/design.md §1 written out literally, per row, in float32: (q, z, s0)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     rows = weight.reshape(weight.shape[0], -1).float()
     if symmetric:
