@@ -85,16 +85,26 @@ def to_png(image) -> bytes:
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device,
                                                                          torch.dtype]:
-    """'auto' device: cuda if available, else cpu; 'auto' dtype: fp16 on cuda, else fp32."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
-    if dtype == "auto":
-        dtype = "float16" if resolved.type == "cuda" else "float32"
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype {dtype!r} is invalid: one of auto, {', '.join(dtypes)}")
-    return resolved, dtypes[dtype]
+    """(device, compute dtype) of a replica (tuneqdm/device.py decides): "auto" is the
+    GPU Ray assigned, else the CPU; "cuda" without one is refused, never silently the
+    CPU; dtype "auto" is bf16 on CUDA (fp16 allowed: the kernels pre-scale), fp32 else."""
+    from tuneqdm.device import DeviceError, resolve_dtype
+    from tuneqdm.device import resolve_device as pick
+
+    try:
+        resolved = pick(device, _ray_gpu_ids())
+    except DeviceError as err:
+        raise ValueError(str(err)) from None
+    return resolved, resolve_dtype(dtype, resolved)
+
+
+def _ray_gpu_ids() -> list | None:
+    """GPU ids Ray assigned to this replica; None outside Ray (`generate` without Serve)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_gpu_ids() if ray.is_initialized() else None
 
 
 class Engine:
