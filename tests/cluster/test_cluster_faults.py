@@ -74,15 +74,15 @@ def test_a_worker_node_killed_mid_run_loses_no_subject(cluster, s3_endpoint, tin
                     "--address", "auto"),
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     # kill a worker node once the first subject is done and the others are training
-    status, logs = cluster.wait_job(job, timeout_s=240,
+    status, logs = cluster.wait_job(job, timeout_s=600,
                                     until=lambda text: "done     " in text)
     assert status == "RUNNING", logs[-3000:]
     victim = cluster.workers[0]
     killed_at = time.monotonic()
     victim.kill()
-    cluster.wait_job(job, timeout_s=240, until=lambda text: "(attempt 2)" in text)
+    cluster.wait_job(job, timeout_s=600, until=lambda text: "(attempt 2)" in text)
     recovered_at = time.monotonic()  # the lost subject started again on a live actor
-    status, logs = cluster.wait_job(job, timeout_s=240)  # bounded: no hang
+    status, logs = cluster.wait_job(job, timeout_s=600)  # bounded: no hang
     ended_at = time.monotonic()
     assert status == "SUCCEEDED", logs[-4000:]
     summary = json.loads(_s3(s3_endpoint).get_object(

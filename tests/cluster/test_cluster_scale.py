@@ -24,7 +24,7 @@ def test_quick_scale_benchmark(cluster, s3_endpoint, tmp_path):
     if not bench.DREAMBOOTH.is_dir():
         pytest.skip(f"{bench.DREAMBOOTH} is not available")
     rows = bench.run_benchmark(cluster, s3_endpoint, tmp_path, bench.QUICK_PLANS,
-                               timeout_s=240)
+                               timeout_s=600)
     print("\n" + bench.table(rows))
     assert [(r["subjects"], r["steps"]) for r in rows] == bench.QUICK_PLANS
     for row in rows:

@@ -54,7 +54,7 @@ def trained_s3(cluster, s3_endpoint, tmp_path_factory) -> str:
     job = cluster.submit_job(_cli("submit", str(csv), "--output", output, "--base-model",
                                   str(base_model), "--steps", "2", "--samples", "0",
                                   "--address", "auto"))
-    status, logs = cluster.wait_job(job, timeout_s=240)
+    status, logs = cluster.wait_job(job, timeout_s=600)
     assert status == "SUCCEEDED", logs[-3000:]
     return output
 
@@ -145,19 +145,19 @@ def test_serve_survives_losing_a_replica_node(cluster, trained_s3):
         "serve", trained_s3, "--address", "auto", "--detach", "--host", "127.0.0.1",
         "--port", str(port), "--proxy-location", "HeadOnly", "--replicas", "2",
         "--num-gpus-per-replica", "1", "--num-cpus-per-replica", "0.5", "--device", "cpu"))
-    status, logs = cluster.wait_job(job, timeout_s=240)
+    status, logs = cluster.wait_job(job, timeout_s=600)
     assert status == "SUCCEEDED", logs[-3000:]
     url = f"http://127.0.0.1:{port}"
-    _wait_serving(url, timeout_s=60)
-    _wait_replicas(cluster, ["127.0.0.3", "127.0.0.4"], timeout_s=30)  # not two on one
+    _wait_serving(url, timeout_s=180)
+    _wait_replicas(cluster, ["127.0.0.3", "127.0.0.4"], timeout_s=90)  # not two on one
 
     victim = next(w for w in cluster.workers if w.ip == "127.0.0.3")
     result = measure_gap(url, victim.kill, budget_s=150)
     print(f"serve recovery after losing a replica node: {json.dumps(result)}")
     assert result["streak"] >= 6, result  # every request succeeds again ...
     assert result["gap_s"] <= MAX_GAP_S, result  # ... soon
-    _wait_replicas(cluster, ["127.0.0.4"], timeout_s=60)  # the lost replica is gone
+    _wait_replicas(cluster, ["127.0.0.4"], timeout_s=120)  # the lost replica is gone
 
     cluster.add_worker()  # a new node joins: Serve places the second replica there
-    _wait_replicas(cluster, ["127.0.0.4", "127.0.0.5"], timeout_s=150)
+    _wait_replicas(cluster, ["127.0.0.4", "127.0.0.5"], timeout_s=300)
     assert all(_generate(url, s, 7) for s in SUBJECTS)

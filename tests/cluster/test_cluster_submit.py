@@ -90,7 +90,7 @@ def test_submit_as_job_trains_every_subject_on_s3(cluster, s3_endpoint, tiny_bas
 def test_local_output_is_refused_on_a_multi_node_cluster(cluster, tiny_base, driver_photos):
     output = str(Path(NODE_LOCAL) / "out")
     job = cluster.submit_job(submit_entrypoint(driver_photos, output, tiny_base))
-    status, logs = cluster.wait_job(job, timeout_s=200)
+    status, logs = cluster.wait_job(job, timeout_s=400)
     assert status == "FAILED", logs[-4000:]
     assert "s3://" in logs and "--shared-output" in logs, logs[-4000:]
     assert "Traceback" not in logs, logs[-4000:]
