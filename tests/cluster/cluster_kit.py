@@ -111,7 +111,8 @@ class LocalCluster:
     def node_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
-                    "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
+                    "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+                    "RAY_raylet_start_wait_time_s": "180"})
         env.update(self.env)
         return env
 
@@ -168,7 +169,7 @@ class LocalCluster:
                                        stdout=handle, stderr=subprocess.STDOUT)
         return Node(ip=ip, process=process, log=log)
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 90.0) -> list[dict]:
+    def wait_for_nodes(self, count: int, timeout_s: float = 240.0) -> list[dict]:
         """Block until `count` nodes are alive (head included); returns them."""
         deadline = time.monotonic() + timeout_s
         nodes: list[dict] = []
