@@ -246,8 +246,15 @@ def start_cluster(root: Path, workers: int = 2, node_local: list[str] | None = N
     """Start a head and `workers` workers and wait until all are alive."""
     cluster = LocalCluster(root=root, node_local=list(node_local or []), env=dict(env or {}))
     try:
-        cluster.start_head()
-        cluster.wait_for_nodes(1)
+        for attempt in range(3):  # a free port can be taken by another process meanwhile
+            cluster.start_head()
+            try:
+                cluster.wait_for_nodes(1)
+                break
+            except RuntimeError:
+                cluster.head.kill()
+                if attempt == 2:
+                    raise
         for _ in range(workers):
             cluster.add_worker(cpus=1, gpus=gpus_per_worker)
         cluster.wait_for_nodes(1 + workers)
