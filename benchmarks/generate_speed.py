@@ -45,21 +45,12 @@ TOY_PROMPTS = (
 )
 
 
-def cache_toggle(model, dtype):
-    """(before, after, bytes): build the model's weight cache, drop it."""
-    from tuneqdm.inference import cache_expanded_weights, clear_expanded_weights
-
-    size = cache_expanded_weights(model, dtype)
-    clear_expanded_weights(model)
-    return (
-        (lambda: cache_expanded_weights(model, dtype)),
-        (lambda: clear_expanded_weights(model)),
-        size,
-    )
+REFUSED: list[dict] = []  # torch.compile refusals: {"name", "reason"}
 
 
 def compiled(name: str, model, make_run, info: dict) -> Variant | None:
-    """A torch.compile'd variant, compiled now (time in info), or None with the reason."""
+    """A torch.compile'd variant, compiled now (time in info), or None (the reason is
+    printed and kept in REFUSED)."""
     try:
         compiled_model = torch.compile(model)
         run = make_run(compiled_model)
@@ -67,8 +58,9 @@ def compiled(name: str, model, make_run, info: dict) -> Variant | None:
         run()
         info.update(compile_s=round(time.perf_counter() - start, 1))
     except Exception as err:  # any compiler failure is reported, not fatal
-        info.update(compile_refused=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-        print(f"{name}: torch.compile refused: {info['compile_refused']}", flush=True)
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        REFUSED.append({"name": name, "reason": reason})
+        print(f"{name}: torch.compile refused: {reason}", flush=True)
         return None
     return Variant(name, run, info=info)
 
@@ -89,26 +81,21 @@ def unet_part(args, device, dtype) -> tuple[list[dict], dict]:
 
     variants = [Variant("float", forward(models["float"]))]
     variants += [Variant(f"w{b}", forward(models[f"w{b}"])) for b in bits]
-    before, after, size = cache_toggle(models["w4"], dtype)
-    variants.append(
-        Variant("w4-cached", forward(models["w4"]), before, after, {"cache_bytes": size})
-    )
+    cached = sd_unets([4], args.quick, device, dtype)["w4"]
+    size = cache_expanded_weights(cached, dtype)
+    variants.append(Variant("w4-cached", forward(cached), info={"cache_bytes": size}))
     extra = {}
-    if args.compile:
+    if args.compile:  # its own cached copy: compiled code keeps the dense cache
+        cached_c = sd_unets([4], args.quick, device, dtype)["w4"]
+        size_c = cache_expanded_weights(cached_c, dtype)
         float_c = compiled("float-compiled", models["float"], forward, {})
-        cached = sd_unets([4], args.quick, device, dtype)["w4"]
-        size = cache_expanded_weights(cached, dtype)
-        w4_c = compiled("w4-cached-compiled", cached, forward, {"cache_bytes": size})
+        w4_c = compiled("w4-cached-compiled", cached_c, forward, {"cache_bytes": size_c})
         variants += [v for v in (float_c, w4_c) if v is not None]
-        extra["compile_refused"] = [v for v in (float_c, w4_c) if v is None]
     if args.profile:
         extra["profiles"] = {}
         for variant in variants:
-            if variant.before:
-                variant.before()
+            variant.run()  # warm: first-call work (oneDNN layouts) is not profiled
             table = profile_table(variant.run, args.profile, device)
-            if variant.after:
-                variant.after()
             print(f"--- profile: unet {variant.name}\n{table}", flush=True)
             extra["profiles"][variant.name] = table
     return interleave(variants, args.rounds, device), extra
@@ -217,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "toy" in args.parts:
         rows += [dict(r, part="toy") for r in toy_part(args)]
     result = {"rows": rows, **extra, "table": table(rows), "machine": machine_info()}
+    result["compile_refused"] = REFUSED
     result.update(command=sys.argv, quick=args.quick, device=str(device), dtype=args.dtype)
     print()
     print(result["table"])

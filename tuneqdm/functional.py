@@ -40,6 +40,7 @@ element-wise passes over its activations.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,11 @@ def _linear_u(xs: torch.Tensor, weight: PackedWeight, use_cache: bool):
 
 def _conv_u(xs: torch.Tensor, weight: PackedWeight, geo: ConvGeometry, use_cache: bool):
     """(u, factor): u = conv(xs, W_q - z) * factor, (B, Cout, H', W'); xs (B, Cin, H, W)."""
+    onednn = _onednn_weight(xs, weight, geo) if use_cache else None
+    if onednn is not None:  # the cache, in oneDNN's layout: centred, nothing to fold
+        args = (list(geo.padding), list(geo.stride), list(geo.dilation), geo.groups)
+        u = torch.ops.mkldnn._convolution_pointwise(xs, onednn, None, *args, "none", [], "")
+        return u, None
     w, zero, factor = _expanded(weight, xs.dtype, use_cache)  # (Cout, Cin / groups, kh, kw)
     u = F.conv2d(xs, w, None, geo.stride, geo.padding, geo.dilation, geo.groups)
     if zero is not None:
@@ -142,6 +148,43 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _onednn_weight(xs: torch.Tensor, weight: PackedWeight, geo: ConvGeometry):
+    """The cached weight in oneDNN's conv layout (packed.ExpandedWeight.onednn_conv), or
+    None: no cache, a stale one, not float32 on the CPU, or inside torch.compile."""
+    cached = weight.cached
+    if cached is None or xs.dtype != torch.float32 or not xs.is_contiguous():
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    if cached.onednn is None and not cached.serves(weight.packed, xs.dtype):
+        return None
+    if weight.packed is not cached.source or weight.packed._version != cached.version:
+        return None
+    args = (list(geo.padding), list(geo.stride), list(geo.dilation), geo.groups)
+    return cached.onednn_conv(xs, *args)
+
+
+def _one_row_weight(x, scale_in, scale_out, weight: PackedWeight, in_view):
+    """The float weight W_r of a batch whose samples all have the same scales (one
+    subject at one timestep: classifier-free guidance's two halves), when the weight
+    has at most half the input's elements, on the CPU; else None. Scaling the weight
+    then costs less than scaling the activations twice, and the bias fuses into the
+    matmul or conv, as in the float layer."""
+    if x.device.type != "cpu" or 2 * math.prod(weight.shape) > x.numel():
+        return None
+    if torch.compiler.is_compiling() or not _same_rows(scale_out):
+        return None
+    if scale_in is not None and not _same_rows(scale_in):
+        return None
+    s_in = None if scale_in is None else scale_in[0].view(in_view)
+    return weight.scaled(x.dtype, scale_out[0], s_in)
+
+
+def _same_rows(scale: torch.Tensor) -> bool:
+    """Whether every sample's row of a (B, C) scale is the same."""
+    return scale.shape[0] == 1 or torch.equal(scale, scale[:1].expand_as(scale))
+
+
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd is recording and any of `tensors` requires a gradient."""
     if not torch.is_grad_enabled():
@@ -164,6 +207,9 @@ def scaled_quant_linear(x, scale_in, scale_out, bias, weight: PackedWeight) -> t
             return scaled_quant_linear(x.to(amp), scale_in, scale_out, bias, weight)
     if needs_autograd(x, scale_in, scale_out, bias):
         return ScaledQuantLinear.apply(x, scale_in, scale_out, bias, weight)
+    w = _one_row_weight(x, scale_in, scale_out, weight, (1, -1))
+    if w is not None:
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     xs = x if scale_in is None else x * _per_sample(scale_in, x.dim(), -1, x.dtype)
     u, factor = _linear_u(xs, weight, use_cache=True)
     scale = _per_sample(_divided(scale_out, factor), u.dim(), -1, u.dtype)
@@ -183,6 +229,11 @@ def scaled_quant_conv2d(
             return scaled_quant_conv2d(x.to(amp), scale_in, scale_out, bias, weight, geo)
     if needs_autograd(x, scale_in, scale_out, bias):
         return ScaledQuantConv2d.apply(x, scale_in, scale_out, bias, weight, geo)
+    if geo.groups == 1:
+        w = _one_row_weight(x, scale_in, scale_out, weight, (1, -1, 1, 1))
+        if w is not None:
+            bias = None if bias is None else bias.to(x.dtype)
+            return F.conv2d(x, w, bias, geo.stride, geo.padding, geo.dilation)
     xs = x if scale_in is None else x * _per_sample(scale_in, 4, 1, x.dtype)
     u, factor = _conv_u(xs, weight, geo, use_cache=True)
     scale = _per_sample(_divided(scale_out, factor), 4, 1, u.dtype)
@@ -302,6 +353,8 @@ def _grad_scale_out(grad_y_u, dims, factor, dtype) -> torch.Tensor:
 def _box_kernel(weight: PackedWeight, geo: ConvGeometry, like: torch.Tensor) -> torch.Tensor:
     """All-ones kernel (groups, Cin / groups, kh, kw): sums each group's window."""
     _, cin_per_group, kh, kw = weight.shape
+    if torch.compiler.is_compiling():  # a constant in the graph; no Python-side cache
+        return torch.ones(geo.groups, cin_per_group, kh, kw, dtype=like.dtype, device=like.device)
     return _ones(geo.groups, cin_per_group, kh, kw, like.dtype, like.device)
 
 

@@ -56,7 +56,7 @@ def clear_expanded_weights(module: nn.Module) -> int:
     for layer in quantized_layers(module).values():
         cached = layer.__dict__.pop(EXPANDED_WEIGHT, None)
         if cached is not None:
-            total += cached.weight.numel() * cached.weight.element_size()
+            total += cached.nbytes()
     return total
 
 
@@ -66,5 +66,5 @@ def expanded_weight_bytes(module: nn.Module) -> int:
     for layer in quantized_layers(module).values():
         cached = layer.__dict__.get(EXPANDED_WEIGHT)
         if cached is not None:
-            total += cached.weight.numel() * cached.weight.element_size()
+            total += cached.nbytes()
     return total

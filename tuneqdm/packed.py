@@ -28,6 +28,7 @@ from .quant import unpack_unsigned
 EXPANDED_WEIGHT = "expanded_weight"  # the layer attribute holding its ExpandedWeight
 
 _THREAD_BUFFERS = threading.local()
+_DECIDING = threading.Lock()  # ExpandedWeight.onednn_conv's one-time decision
 
 
 def _transient_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -50,24 +51,86 @@ def _transient_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:numel]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ExpandedWeight:
     """A layer's centred weight kept expanded: `weight` = (W_q - z) * fp16 row factor,
-    made from the packed stream `source` when its in-place version was `version`."""
+    made from the packed stream `source` when its in-place version was `version`.
 
-    weight: torch.Tensor
+    A float32 CPU conv whose weight outweighs its input (the UNet's low-resolution,
+    1280-channel convs) keeps it in oneDNN's blocked layout instead (`onednn_conv`),
+    decided at its first call: the dense conv reorders the weight on every call, which
+    costs as much as the conv itself at 8 x 8. Not copied or pickled (a copy expands
+    per call until it is cached again).
+    """
+
+    weight: torch.Tensor | None
     source: torch.Tensor
     version: int
+    onednn: torch.Tensor | bool | None = None  # None: not decided; False: stays dense
 
     def serves(self, packed: torch.Tensor, dtype: torch.dtype) -> bool:
-        """Whether it is this stream's, unchanged since, in `dtype` on its device."""
+        """Whether its dense weight is this stream's, unchanged since, in `dtype` on
+        its device."""
         weight = self.weight
         return (
-            packed is self.source
-            and packed._version == self.version
+            weight is not None
+            and packed is self.source
+            # (inside torch.compile the identity is what its guards check)
+            and (torch.compiler.is_compiling() or packed._version == self.version)
             and weight.dtype == dtype
             and weight.device == packed.device
         )
+
+    def onednn_conv(
+        self, x: torch.Tensor, padding, stride, dilation, groups
+    ) -> torch.Tensor | None:
+        """The weight in oneDNN's layout for conv inputs like x (B, Cin, H, W), or None
+        when this layer stays dense. Decided at the first call; then the dense copy is
+        dropped (same bytes)."""
+        if self.onednn is None:
+            with _DECIDING:  # once per layer; a second thread waits, then reads it
+                if self.onednn is None:
+                    args = (padding, stride, dilation, groups)
+                    self.onednn = _onednn_conv_weight(self.weight, x, *args)
+                    if self.onednn is not False:
+                        self.weight = None
+        return None if self.onednn is False else self.onednn
+
+    def nbytes(self) -> int:
+        tensor = self.weight if self.weight is not None else self.onednn
+        return tensor.numel() * tensor.element_size()
+
+    def __reduce__(self):
+        return _no_cache, ()
+
+
+def _no_cache() -> None:
+    return None
+
+
+def _onednn_conv_weight(weight, x, padding, stride, dilation, groups) -> torch.Tensor | bool:
+    """`weight` (Cout, Cin / groups, kh, kw) reordered for oneDNN convs of inputs like x,
+    or False where that does not pay (or this torch has no oneDNN): a float32 CPU conv
+    whose weight has at least 4x the elements of its input."""
+    usable = (
+        weight is not None
+        and weight.dtype == torch.float32
+        and x.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and x.is_contiguous()
+        and weight.numel() >= 4 * x.numel()
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    )
+    if not usable:
+        return False
+    try:
+        with torch.inference_mode(False):  # a normal tensor, usable in any later mode
+            return torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.to_mkldnn(), padding, stride, dilation, groups, list(x.shape)
+            )
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 @dataclass
@@ -130,6 +193,27 @@ class PackedWeight:
         if factor is not None:
             rows.mul_(factor.to(dtype)[:, None])
         return w, factor
+
+    def scaled(
+        self, dtype: torch.dtype, scale_out: torch.Tensor, scale_in: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One row's float weight W_r = s_out[:, None] * (W_q - z) * s_in, shape
+        `self.shape`, `dtype` (transient on CPU, like `centred`).
+
+        scale_out: (out,) float32; scale_in: None or broadcastable to `self.shape`
+        ((1, in) for a linear, (1, Cin, 1, 1) for an ungrouped conv).
+        """
+        w, factor = self.centred(dtype)
+        scale = scale_out if factor is None else scale_out / factor
+        scale = scale.to(dtype).view((-1,) + (1,) * (len(self.shape) - 1))
+        if self.cached is not None and w is self.cached.weight:  # never write the cache
+            out = None
+            if w.device.type == "cpu" and not torch.compiler.is_compiling():
+                out = _transient_buffer(w.numel(), dtype).view(self.shape)
+            w = torch.mul(w, scale, out=out)
+        else:
+            w.mul_(scale)
+        return w if scale_in is None else w.mul_(scale_in.to(dtype))
 
 
 def _unpack_centred(

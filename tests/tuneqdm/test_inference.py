@@ -98,6 +98,37 @@ def test_inference_path_equals_plain_formula(name, factory, shape, config_name, 
     torch.testing.assert_close(y32.double(), y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["expanded-per-call", "cached"])
+@pytest.mark.parametrize(
+    "name, factory, shape",
+    [
+        ("linear", lambda: nn.Linear(12, 10), (2, 64, 12)),
+        ("conv", lambda: nn.Conv2d(6, 8, 3, padding=1), (2, 6, 12, 12)),
+        ("conv-reflect-nobias", lambda: nn.Conv2d(6, 8, 3, 1, 1, bias=False,
+                                                  padding_mode="reflect"), (2, 6, 9, 9)),
+    ],
+)  # fmt: skip
+def test_one_row_batches_scale_the_weight_and_match(name, factory, shape, cached):
+    """A batch whose samples share one row (one subject, one timestep) and whose input
+    outweighs the weight takes W_r = s_out (W_q - z) s_in and the float layer's op."""
+    original, layer = quantized(factory, QuantConfig(bits=4, num_experts=3))
+    x = torch.randn(shape, dtype=torch.float64)
+    assert 2 * layer.int_weight().numel() <= x.numel()  # the weight-scaling case
+    if cached:
+        cache_expanded_weights(layer, torch.float64)
+    for rows in (torch.tensor([2, 2]), torch.tensor([2, 0])):  # one row; two rows
+        layer.router.rows = rows
+        with torch.no_grad():
+            y = layer(x)
+        want = plain_formula(original, layer, x, rows)
+        torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+    if cached:  # the cache itself is never scaled in place
+        layer.router.rows = torch.tensor([1, 1])
+        with torch.no_grad():
+            y = layer(x)
+        torch.testing.assert_close(y, plain_formula(original, layer, x, layer.router.rows))
+
+
 def test_no_grad_skips_autograd_and_grad_uses_it():
     _, layer = quantized(LAYERS[2][1], QuantConfig(bits=4, num_experts=1), torch.float32)
     layer.router = None
@@ -143,6 +174,41 @@ def test_cache_bytes_clear_and_staleness():
         cache_expanded_weights(model, torch.int8)
     with pytest.raises(ValueError, match="no quantized layers"):
         cache_expanded_weights(nn.Linear(2, 2))
+
+
+def test_low_resolution_conv_cache_takes_onednn_layout():
+    """A conv whose weight outweighs its input (the UNet's 1280-channel convs at 8 x 8)
+    keeps its cached weight in oneDNN's layout: same numbers, same bytes, any input."""
+    import pickle
+
+    original, layer = quantized(lambda: nn.Conv2d(64, 48, 3, padding=1), QuantConfig(bits=4),
+                                dtype=torch.float32)
+    rows = torch.tensor([0, 3])
+    layer.router.rows = rows
+    size = cache_expanded_weights(layer)
+    x = torch.randn(2, 64, 4, 4)  # 2,048 inputs against 27,648 weights
+    with torch.no_grad():
+        y = layer(x)
+    cache = layer.__dict__["expanded_weight"]
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    assert cache.onednn is not False and cache.weight is None  # re-laid out, dense dropped
+    assert expanded_weight_bytes(layer) == size
+    torch.testing.assert_close(y.double(), plain_formula(original, layer, x, rows),
+                               rtol=1e-4, atol=1e-5)
+    layer.router.rows = torch.tensor([1, 2, 0])
+    x3 = torch.randn(3, 64, 9, 7)  # another batch and size: still right
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x3).double(),
+                                   plain_formula(original, layer, x3, layer.router.rows),
+                                   rtol=1e-4, atol=1e-5)
+    # copies and pickles drop the cache (a copy's integers are other tensors anyway)
+    assert copy.deepcopy(layer).__dict__["expanded_weight"] is None
+    assert pickle.loads(pickle.dumps(layer)).__dict__["expanded_weight"] is None
+    # a training step with the cache in place: the autograd path
+    layer.router.rows = rows
+    layer(x).sum().backward()
+    assert layer.scale_out.grad is not None and torch.isfinite(layer.scale_out.grad).all()
 
 
 # ----------------------------------------------------------------------------- fp16
