@@ -117,7 +117,6 @@ def _onednn_conv_weight(weight, x, padding, stride, dilation, groups) -> torch.T
         and weight.dtype == torch.float32
         and x.dtype == torch.float32
         and weight.device.type == "cpu"
-        and x.is_contiguous()
         and weight.numel() >= 4 * x.numel()
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
