@@ -119,6 +119,9 @@ def _conv_u(xs: torch.Tensor, weight: PackedWeight, geo: ConvGeometry, use_cache
     onednn = _onednn_weight(xs, weight, geo) if use_cache else None
     if onednn is not None:  # the cache, in oneDNN's layout: centred, nothing to fold
         args = (list(geo.padding), list(geo.stride), list(geo.dilation), geo.groups)
+        # (small inputs only: at most a quarter of the weight, so making one contiguous,
+        # as the UNet's 8 x 8 activations are not, costs little)
+        xs = xs.contiguous()
         u = torch.ops.mkldnn._convolution_pointwise(xs, onednn, None, *args, "none", [], "")
         return u, None
     w, zero, factor = _expanded(weight, xs.dtype, use_cache)  # (Cout, Cin / groups, kh, kw)
@@ -152,7 +155,7 @@ def _onednn_weight(xs: torch.Tensor, weight: PackedWeight, geo: ConvGeometry):
     """The cached weight in oneDNN's conv layout (packed.ExpandedWeight.onednn_conv), or
     None: no cache, a stale one, not float32 on the CPU, or inside torch.compile."""
     cached = weight.cached
-    if cached is None or xs.dtype != torch.float32 or not xs.is_contiguous():
+    if cached is None or xs.dtype != torch.float32:
         return None
     if torch.compiler.is_compiling():
         return None

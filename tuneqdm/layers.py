@@ -106,7 +106,8 @@ class QuantizedLayer(ScaleRows):
             self.packed,
             self.bits,
             self.weight_shape,
-            self.zero - self._qmin,
+            self.zero,
+            self._qmin,
             self.scale0,
             self.__dict__.get(EXPANDED_WEIGHT),
         )

@@ -117,7 +117,6 @@ def _onednn_conv_weight(weight, x, padding, stride, dilation, groups) -> torch.T
         and weight.dtype == torch.float32
         and x.dtype == torch.float32
         and weight.device.type == "cpu"
-        and x.is_contiguous()
         and weight.numel() >= 4 * x.numel()
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
@@ -138,17 +137,25 @@ class PackedWeight:
     """A frozen packed integer weight, as the kernels read it.
 
     packed: flat uint8 stream (see quant.pack_int); shape: the weight's shape,
-    (out, in) or (out, in / groups, kh, kw); zero_u: (out,) float, z - qmin;
-    scale0: (out,) float32 initial scales (sets the fp16 row factor, `fp16_row_factor`);
-    cached: the layer's `ExpandedWeight` (tuneqdm.inference.cache_expanded_weights) or None.
+    (out, in) or (out, in / groups, kh, kw); zero: (out,) float zero points z; qmin:
+    the grid's smallest integer; scale0: (out,) float32 initial scales (sets the fp16
+    row factor, `fp16_row_factor`); cached: the layer's `ExpandedWeight`
+    (tuneqdm.inference.cache_expanded_weights) or None.
     """
 
     packed: torch.Tensor
     bits: int
     shape: tuple[int, ...]
-    zero_u: torch.Tensor
+    zero: torch.Tensor
+    qmin: int
     scale0: torch.Tensor | None = None
     cached: ExpandedWeight | None = None
+
+    @property
+    def zero_u(self) -> torch.Tensor:
+        """(out,) z - qmin: the zero point in the unsigned integers' units (computed only
+        when a weight is expanded: a cached weight needs none)."""
+        return self.zero - self.qmin
 
     def expand(self, dtype: torch.dtype) -> torch.Tensor:
         """W_u = W_q - qmin as `dtype`, shape `self.shape` (a new tensor)."""
