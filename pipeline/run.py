@@ -214,7 +214,7 @@ def _ensure_base(ray, plan: SubmitPlan, resources: dict[str, Any], say: Say) -> 
         done = ray.get(task.remote(plan.storage, base["address"], source, config.revision,
                                    quant, resources["threads"]))
     except ray.exceptions.RayError as error:
-        from .scheduler import short_error
+        from .ray_errors import short_error
 
         raise RunError(f"quantizing {source} failed: {short_error(error)}") from None
     base["quantized_this_run"] = True
@@ -322,7 +322,8 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
                      max_retries=plan.config.max_retries,
                      on_event=_event_sink(photos, display, deadline, tracker, err),
                      on_tick=on_tick, schedule_timeout_s=plan.config.schedule_timeout,
-                     subject_timeout=deadline, demand=kind)
+                     subject_timeout=deadline, demand=kind,
+                     prefetch=deadline.is_short)
     try:
         pool.run(plan.pending)
     except KeyboardInterrupt:

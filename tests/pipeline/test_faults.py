@@ -35,6 +35,15 @@ def test_the_derived_deadline_follows_steps_and_measured_step_time():
         SubjectDeadline({}, fixed_s=0)
 
 
+def test_only_jobs_measured_short_are_queued_behind_another():
+    deadline = SubjectDeadline({"steps": 400})
+    assert not deadline.is_short(_job("a"))  # nothing measured: never
+    deadline.observe({"status": "done", "steps": 400, "seconds": 20.0})  # 0.05 s/step
+    assert deadline.expected_s(_job("a")) == pytest.approx(20.0)
+    assert not deadline.is_short(_job("a"))  # 20 s: not below PREFETCH_BELOW_S
+    assert deadline.is_short(_job("b", steps=2))
+
+
 def test_the_hang_hook_reads_subject_and_seconds():
     job = _job("cat")
     assert hook_hang_seconds(job, {}) == 0

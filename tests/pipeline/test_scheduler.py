@@ -30,6 +30,7 @@ def _stand_in(ray, marker_dir, fail_init: bool = False):
             import pathlib
             import time as clock
 
+            began = clock.time()
             marker = pathlib.Path(marker_dir) / job_id
             if job_id.startswith("crash-once") and not marker.exists():
                 marker.write_text("crashed")
@@ -48,7 +49,7 @@ def _stand_in(ray, marker_dir, fail_init: bool = False):
                 marker.write_text("hung")
                 clock.sleep(60)
             return {"job_id": job_id, "status": "done", "reason": "", "actor": self.name,
-                    "attempt": attempt}
+                    "attempt": attempt, "began": began, "ended": clock.time()}
 
     return ray.remote(num_cpus=1)(StandIn)
 
@@ -214,3 +215,54 @@ def test_a_hung_try_is_killed_retried_and_reported_as_timed_out(ray_session, tmp
     retries = [e["reason"] for e in events if e["event"] == "retry"]
     assert retries == ["timed out after 3 s"] * 2
     assert 6 <= elapsed < 40  # two 3 s deadlines in a row for hang-always-b
+
+
+def _slow_driver(events: list[dict], ends: dict[str, float], pause_s: float):
+    """An event sink that takes `pause_s` over every finished job, as a busy driver
+    does, and notes when it was done with each."""
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "finished":
+            time.sleep(pause_s)
+            ends[event["job"].job_id] = time.time()
+
+    return on_event
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_short_jobs_are_queued_behind_a_running_one(ray_session, tmp_path, prefetch):
+    """With prefetch the actor starts its next job without waiting for the driver: the
+    second job begins before the driver has finished with the first; without it, after."""
+    ray = ray_session
+    events: list[dict] = []
+    ends: dict[str, float] = {}
+    pool = ActorPool(lambda name: _stand_in(ray, str(tmp_path)).options(name=name).remote(name),
+                     lambda actor, job, attempt: actor.run.remote(job.job_id, attempt),
+                     1, "test-pool", on_event=_slow_driver(events, ends, 1.0), tick_s=0.1,
+                     prefetch=lambda job: prefetch)
+    report = pool.run(_jobs("ok-1", "ok-2", "ok-3"))
+    assert {k: v["status"] for k, v in report.results.items()} == dict.fromkeys(
+        ("ok-1", "ok-2", "ok-3"), "done")
+    assert report.attempts == {"ok-1": 1, "ok-2": 1, "ok-3": 1}
+    began_before_driver_was_done = [report.results[b]["began"] < ends[a]
+                                    for a, b in (("ok-1", "ok-2"), ("ok-2", "ok-3"))]
+    assert began_before_driver_was_done == [prefetch, prefetch]
+    started = [e["job"].job_id for e in events if e["event"] == "started"]
+    assert started == ["ok-1", "ok-2", "ok-3"]  # each announced once, when it runs
+
+
+def test_a_job_queued_behind_a_crash_or_a_hang_uses_no_try(ray_session, tmp_path):
+    ray = ray_session
+    events: list[dict] = []
+    pool = _pool(ray, _stand_in(ray, str(tmp_path)), 1, events, max_retries=1,
+                 subject_timeout=lambda job: 3.0 if job.job_id.startswith("hang") else None,
+                 prefetch=lambda job: True)
+    report = pool.run(_jobs("ok-0", "crash-once-a", "ok-b", "hang-once-c", "ok-d"))
+    assert {k: v["status"] for k, v in report.results.items()} == dict.fromkeys(
+        ("ok-0", "crash-once-a", "ok-b", "hang-once-c", "ok-d"), "done")
+    assert report.attempts == {"ok-0": 1, "crash-once-a": 2, "ok-b": 1, "hang-once-c": 2,
+                               "ok-d": 1}
+    assert report.timed_out == {"hang-once-c": 1}
+    retries = [e["job"].job_id for e in events if e["event"] == "retry"]
+    assert retries == ["crash-once-a", "hang-once-c"]
