@@ -351,6 +351,9 @@ def _event_sink(photos: PhotoShipper, display: ProgressDisplay, deadline: Subjec
             if event["result"].get("resumed_from_step"):
                 err.write(f"resumed  {event['job'].job_id} from its checkpoint at step "
                           f"{event['result']['resumed_from_step']}\n")
+            if event["result"].get("oom_retry"):
+                err.write(f"memory   {event['job'].job_id} ran out of GPU memory; trained "
+                          f"with {event['result']['oom_retry']} instead\n")
         if event["event"] in ("started", "finished", "retry"):
             running = sum(display.members.get(j, 1) for j in display.running)
             retried = len(event["job"].subjects) if event["event"] == "retry" else 0

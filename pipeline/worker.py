@@ -32,6 +32,7 @@ from .store import Storage, SubjectMeta, write_subject
 
 MAX_LOSS_POINTS = 2000
 EXIT_AT_STEP_ENV = "TUNEQDM_TEST_EXIT_AT_STEP"  # test hook: see _exit_hook
+CUDA_OOM_ENV = "TUNEQDM_TEST_CUDA_OOM"  # test hook: see _oom_hook
 EXIT_AT_STEP_STATUS = 75
 
 
@@ -99,6 +100,7 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
     dict (status "done" or "failed" with a reason). `photos`: {path: bytes} of local
     photos shipped by the driver (others are read here: s3://, or local paths when
     train_job is called without Ray)."""
+    from tuneqdm.device import OutOfMemory, train_with_oom_retry
     from tuneqdm.train import TrainingError, finetune
 
     run = _Attempt(job, attempt, actor, time.perf_counter())
@@ -111,11 +113,22 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
     if isinstance(subjects, str):
         return run.failed(subjects)
     resumption = _resumption(storage, job, spec_hash, settings)
+    used = {"config": config}
+
+    def train(candidate):  # one try at a config; on CUDA OOM, once more (tuneqdm/device.py)
+        used["config"] = candidate
+        _oom_hook(candidate)
+        return finetune(pipe, subjects, candidate, on_step=_exit_hook(on_step, attempt),
+                        resumption=resumption)
+
     try:
-        result = finetune(pipe, subjects, config, on_step=_exit_hook(on_step, attempt),
-                          resumption=resumption)
+        result = train_with_oom_retry(train, config)
+    except OutOfMemory as err:
+        return run.failed(f"out of memory: {err}")
     except TrainingError as err:
         return run.failed(f"training failed: {err}")
+    oom_change = "" if used["config"] is config else _oom_change(config, used["config"])
+    config = used["config"]
     if result.scale_set is None:
         return run.failed("training returned no scale set", timed=False)
     outputs = _write_outputs(pipe, run, spec_hash, settings, storage, config, result,
@@ -125,7 +138,30 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
             "reason": "", "attempt": attempt, "actor": actor,
             "seconds": round(time.perf_counter() - run.start, 3),
             "final_loss": result.final_loss, "steps": len(result.losses), "outputs": outputs,
-            "resumed_from_step": result.extra.get("resumed_from_step", 0)}
+            "resumed_from_step": result.extra.get("resumed_from_step", 0),
+            "oom_retry": oom_change}
+
+
+def _oom_change(before, after) -> str:
+    """What the out-of-memory retry changed, in words (tuneqdm.device.oom_retry_config)."""
+    if after.gradient_checkpointing and not before.gradient_checkpointing:
+        return "gradient checkpointing"
+    return f"batch size {after.batch_size}"
+
+
+def _oom_hook(config) -> None:
+    """Test hook standing in for a GPU too small (no GPU exists in CI): with
+    TUNEQDM_TEST_CUDA_OOM=without-checkpointing a try without gradient checkpointing
+    raises CUDA's out-of-memory error; with =always every try does."""
+    import torch
+
+    mode = os.environ.get(CUDA_OOM_ENV, "")
+    if mode not in ("", "without-checkpointing", "always"):
+        raise ValueError(f"{CUDA_OOM_ENV}={mode!r} is invalid: expected "
+                         "'without-checkpointing' or 'always'")
+    if mode == "always" or (mode and not config.gradient_checkpointing):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB "
+                                     f"({CUDA_OOM_ENV} test hook)")
 
 
 def _resumption(storage: Storage, job: Job, spec_hash: str, settings: WorkSettings):

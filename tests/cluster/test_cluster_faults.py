@@ -6,7 +6,9 @@ photos, manifest and output live on moto S3."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -117,3 +119,65 @@ def test_a_worker_node_killed_mid_run_loses_no_subject(cluster, s3_endpoint, tin
     cluster.add_worker()
     cluster.wait_for_nodes(3)
     JobSubmissionClient(cluster.dashboard_url).delete_job(job)
+
+
+def _alive_finetuners(cluster) -> list[str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")],
+                         limit=1000)
+    return [a.name for a in actors if (a.name or "").startswith("tuneqdm-finetuner-")]
+
+
+def _objects(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    pages = _s3(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                    Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def test_the_driver_killed_mid_run_then_the_same_submit_again(cluster, s3_endpoint,
+                                                              tiny_base, tmp_path):
+    """SIGKILL to the submit driver mid-run: Ray ends its actors with it; the same
+    submit again retrains nothing finished, quantizes nothing, and leaves no checkpoint
+    behind."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    manifest = _upload_run(s3_endpoint, "driver-kill", tmp_path)
+    entry = _entrypoint(manifest, "s3://driver-kill/out", tiny_base, s3_endpoint,
+                        "--checkpoint-every", "4", "--address", "auto")
+    env = {"env_vars": {"PYTHONPATH": str(REPO)}}
+    first = cluster.submit_job(entry, runtime_env=env)
+    status, logs = cluster.wait_job(first, timeout_s=600,
+                                    until=lambda text: "done     " in text)
+    assert status == "RUNNING", logs[-3000:]
+    os.kill(int(client.get_job_info(first).driver_info.pid), signal.SIGKILL)
+    status, logs = cluster.wait_job(first, timeout_s=120)
+    assert status in ("FAILED", "STOPPED"), logs[-3000:]
+    deadline = time.monotonic() + 60  # Ray ends the dead driver's actors
+    while _alive_finetuners(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _alive_finetuners(cluster) == []
+    finished = {key.split("/")[2] for key in _objects(s3_endpoint, "driver-kill",
+                                                      "out/subjects/")
+                if key.endswith("/done.json")}
+    assert finished and finished < set(SUBJECTS), finished
+
+    second = cluster.submit_job(entry, runtime_env=env)
+    status, logs = cluster.wait_job(second, timeout_s=600)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "base: reusing" in logs and "quantizing" not in logs, logs[-4000:]
+    assert f"resume: {len(finished)} subject(s) already finished" in logs, logs[-4000:]
+    summary = json.loads(_s3(s3_endpoint).get_object(
+        Bucket="driver-kill", Key="out/summary.json")["Body"].read())
+    status_of = {r["subject_id"]: r["status"] for r in summary["subjects"]}
+    assert status_of == {s: "reused" if s in finished else "done" for s in SUBJECTS}
+    leftovers = [key for key in _objects(s3_endpoint, "driver-kill", "out/")
+                 if "checkpoint" in key]
+    assert leftovers == []
+    resumed = [line for line in logs.splitlines() if line.startswith("resumed  ")]
+    print(f"\ndriver kill: {len(finished)} finished before the kill and reused, "
+          f"{len(SUBJECTS) - len(finished)} trained again; resumed from checkpoints: "
+          f"{resumed}")
+    for job in (first, second):
+        client.delete_job(job)

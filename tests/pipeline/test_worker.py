@@ -104,3 +104,29 @@ def test_undecodable_photo_fails_its_subject_naming_the_file(quantized, tmp_path
     assert result["status"] == "failed"
     assert result["reason"].startswith("bad image: ")
     assert "/cat/01.jpg: cannot decode image data" in result["reason"]
+
+
+def test_cuda_out_of_memory_is_retried_once_then_reported(quantized, tmp_path, monkeypatch):
+    """A GPU too small (the CUDA_OOM test hook: no GPU here): the try without gradient
+    checkpointing runs out of memory, the retry with it trains and says so; a GPU too
+    small for every config is reported as out of memory, not as the subject's fault."""
+    from pipeline.worker import CUDA_OOM_ENV
+
+    storage, address, done, pipe = quantized
+    job = _job(tmp_path, copy_photos("dog", tmp_path / "dog", 2))
+    monkeypatch.setenv(CUDA_OOM_ENV, "without-checkpointing")
+    result = train_job(pipe, job, "spec-oom", _settings(done, address, steps=2), storage)
+    assert (result["status"], result["oom_retry"]) == ("done", "gradient checkpointing")
+    assert verify_subject(storage, "dog", done["fingerprint"], "spec-oom").done
+    meta = storage.read_json("subjects/dog/meta.json")
+    assert meta["train_config"]["gradient_checkpointing"] is True
+
+    monkeypatch.setenv(CUDA_OOM_ENV, "always")
+    result = train_job(pipe, job, "spec-oom2", _settings(done, address, steps=2), storage)
+    assert result["status"] == "failed"
+    assert result["reason"].startswith("out of memory: CUDA out of memory, also when "
+                                       "retried with gradient checkpointing")
+
+    monkeypatch.setenv(CUDA_OOM_ENV, "sometimes")
+    with pytest.raises(ValueError, match="TUNEQDM_TEST_CUDA_OOM='sometimes' is invalid"):
+        train_job(pipe, job, "spec-oom3", _settings(done, address, steps=2), storage)
