@@ -13,7 +13,8 @@ Routes (OpenAPI at /docs):
                                              `serve_multiplexed_model_id`
     POST /v1/images/generations              OpenAI's images API (openai_api.py)
 
-Status codes: 404 unknown subject or sample; 409 scale set that does not fit the served base;
+Status codes: 404 unknown subject or sample; 409 scale set that does not fit the served
+base, or a sample that fails its checksum;
 413 body over 64 KiB (with or without Content-Length); 422 invalid or out-of-bounds
 parameters or subject id, a body that is not JSON, a request over the per-request
 cost bound (pixels x steps x images); 503 overloaded (with Retry-After); 504 past the

@@ -98,6 +98,7 @@ in the prompt name the subject.</small></p>
 const ROOT = __ROOT__;
 const $ = (id) => document.getElementById(id);
 const SUBJECTS = new Map();  // subject id -> its listing entry
+const SHOWN_SAMPLES = 8;  // at most this many sample images beside the prompt
 function setStatus(text, isError) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
@@ -139,7 +140,7 @@ function showSubject() {
   $("subject-facts").textContent = s.token + " " + s.class_noun + ": " + s.method + ", " +
     s.bits + "-bit, " + s.num_experts + " expert(s), trained " + (s.trained_at || "?") +
     (s.steps ? " in " + s.steps + " steps" : "") + '; prompt "' + s.instance_prompt + '"';
-  for (let index = 0; index < s.samples; index++) {
+  for (let index = 0; index < Math.min(s.samples, SHOWN_SAMPLES); index++) {
     const image = document.createElement("img");
     image.src = ROOT + "/v1/subjects/" + encodeURIComponent(s.subject_id) + "/samples/" +
                 index;
@@ -148,7 +149,9 @@ function showSubject() {
     samples.appendChild(image);
   }
   $("photos-note").firstElementChild.textContent =
-    (s.samples ? s.samples + " sample(s) made after training. " : "No samples stored. ") +
+    (s.samples ? s.samples + " sample(s) made after training" +
+     (s.samples > SHOWN_SAMPLES ? " (the first " + SHOWN_SAMPLES + " shown). " : ". ")
+     : "No samples stored. ") +
     "Trained on " + s.training_photos + " photo(s); training photos are not kept with " +
     "the subject, so they are not shown.";
 }
