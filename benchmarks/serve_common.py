@@ -3,10 +3,11 @@
 - `prepare_output(root, n)`: a submit-style output folder with the tiny base (built
   offline, quantized with pipeline.store.quantize_into_storage, no Ray) and n subjects.
   The subjects are *synthetic*: scale sets drawn around the base's s0 (s_out = s0 *
-  (1 + 0.05 eps), s_in = 1 + 0.05 eps, per expert), written with
-  pipeline.store.write_subject exactly as `submit` writes trained ones. Swap
-  cost, batching and throughput depend on the scale sets' shapes, not their values,
-  and 100 real trainings would cost minutes of the shared machine for nothing.
+  (1 + 0.05 eps), s_in = 1 + 0.05 eps, per expert; POOL draws reused in turn), written
+  with pipeline.store.write_subject exactly as `submit` writes trained ones, by 8
+  threads (10,000 subjects in minutes). Swap cost, batching and throughput depend on
+  the scale sets' shapes, not their values, and 100 real trainings would cost minutes
+  of the shared machine for nothing.
 - `local_serve(...)`: local Ray (2 CPUs) + Serve on 127.0.0.1, stopped on exit.
 - `percentile`, `markdown_table`, `write_json`, `machine_info`.
 """
@@ -35,32 +36,40 @@ def subject_ids(n: int) -> list[str]:
     return [f"subject-{i:03d}" for i in range(n)]
 
 
-def prepare_output(root: str | Path, num_subjects: int, seed: int = 0) -> Path:
+def prepare_output(root: str | Path, num_subjects: int, seed: int = 0,
+                   threads: int = 8) -> Path:
     """`root/out` with the tiny quantized base and `num_subjects` synthetic subjects
-    (reused when already there)."""
-    import torch
+    (those already finished there are kept). Fast enough for 10,000 subjects: the
+    scale tensors are drawn once for POOL sets and reused in turn (each subject's set
+    still carries its own id, so its bytes and checksum are its own and the store's
+    verifier accepts it), and `threads` writers overlap the writes' fsyncs."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.store import (
-        Storage,
-        SubjectMeta,
-        base_rel,
-        content_address,
-        quantize_into_storage,
-        read_done,
-        write_subject,
-    )
-    from tuneqdm import QuantConfig
-    from tuneqdm.base import load_quantized_unet
-    from tuneqdm.model import quantized_layers
-    from tuneqdm.scaleset import ScaleSet
-    from tuneqdm.testing import save_tiny_pipeline
+    from pipeline.store import Storage
 
     root = Path(root)
     output = root / "out"
     storage = Storage(str(output))
-    ids = subject_ids(num_subjects)
-    if all((output / "subjects" / s / "done.json").is_file() for s in ids):
+    missing = [(index, subject_id) for index, subject_id in enumerate(subject_ids(num_subjects))
+               if not (output / "subjects" / subject_id / "done.json").is_file()]
+    if not missing:
         return output
+    base = _tiny_base(root, storage)
+    pool = _tensor_pool(storage, base["address"], seed)
+    with ThreadPoolExecutor(threads) as writers:
+        list(writers.map(lambda item: _write_synthetic(storage, base, pool, *item), missing))
+    return output
+
+
+POOL = 16  # distinct synthetic tensor sets, reused in turn
+
+
+def _tiny_base(root: Path, storage) -> dict[str, Any]:
+    """The tiny test base quantized into `storage` (once): its done.json marker."""
+    from pipeline.store import content_address, quantize_into_storage, read_done
+    from tuneqdm import QuantConfig
+    from tuneqdm.testing import save_tiny_pipeline
+
     source = root / "tiny-sd"
     if not (source / "model_index.json").is_file():
         save_tiny_pipeline(source)
@@ -68,29 +77,51 @@ def prepare_output(root: str | Path, num_subjects: int, seed: int = 0) -> Path:
     address = content_address(str(source), None, quant)
     done = read_done(storage, address) or quantize_into_storage(
         storage, address, str(source), None, quant)
-    unet = load_quantized_unet(storage.local_path(base_rel(address)))
-    layers = quantized_layers(unet)
+    return {**done, "address": address, "quant": quant}
+
+
+def _tensor_pool(storage, address: str, seed: int) -> list[dict[str, Any]]:
+    """POOL scale tensor dicts around the base's s0: s_out (N, out) = s0 * (1 + 0.05
+    eps), s_in (N, in) = 1 + 0.05 eps, fp32."""
+    import torch
+
+    from pipeline.store import base_rel
+    from tuneqdm.base import load_quantized_unet
+    from tuneqdm.model import quantized_layers
+
+    layers = quantized_layers(load_quantized_unet(storage.local_path(base_rel(address))))
     n = QUANT["num_experts"]
     generator = torch.Generator().manual_seed(seed)
-    for index, subject_id in enumerate(ids):
+    pool = []
+    for _ in range(POOL):
         tensors = {}
         for name, layer in layers.items():
             noise = torch.randn(n, layer.out_features, generator=generator)
             tensors[f"{name}.scale_out"] = layer.scale0.float() * (1 + 0.05 * noise)
             noise = torch.randn(n, layer.in_features, generator=generator)
             tensors[f"{name}.scale_in"] = 1 + 0.05 * noise
-        class_noun, token = CLASSES[index % len(CLASSES)], TOKENS[index % len(TOKENS)]
-        scale_set = ScaleSet(tensors=tensors, method="tuneqdm", num_experts=n,
-                             num_train_timesteps=1000, base_fingerprint=done["fingerprint"],
-                             subjects=[{"subject_id": subject_id, "token": token,
-                                        "class_noun": class_noun}])
-        meta = SubjectMeta(subject_id=subject_id, base_fingerprint=done["fingerprint"],
-                           base_address=address, spec_hash=f"synthetic-{index}",
-                           run_id="synthetic", class_noun=class_noun, token=token,
-                           prompt="a photo of {token} {class_noun}", quant_config=quant,
-                           steps=0, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        write_subject(storage, subject_id, scale_set.to_bytes(), meta, [])
-    return output
+        pool.append(tensors)
+    return pool
+
+
+def _write_synthetic(storage, base: dict[str, Any], pool: list[dict[str, Any]], index: int,
+                     subject_id: str) -> None:
+    """One subject's folder through pipeline.store.write_subject, as `submit` writes."""
+    from pipeline.store import SubjectMeta, write_subject
+    from tuneqdm.scaleset import ScaleSet
+
+    class_noun, token = CLASSES[index % len(CLASSES)], TOKENS[index % len(TOKENS)]
+    scale_set = ScaleSet(tensors=pool[index % len(pool)], method="tuneqdm",
+                         num_experts=QUANT["num_experts"], num_train_timesteps=1000,
+                         base_fingerprint=base["fingerprint"],
+                         subjects=[{"subject_id": subject_id, "token": token,
+                                    "class_noun": class_noun}])
+    meta = SubjectMeta(subject_id=subject_id, base_fingerprint=base["fingerprint"],
+                       base_address=base["address"], spec_hash=f"synthetic-{index}",
+                       run_id="synthetic", class_noun=class_noun, token=token,
+                       prompt="a photo of {token} {class_noun}", quant_config=base["quant"],
+                       steps=0, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_subject(storage, subject_id, scale_set.to_bytes(), meta, [])
 
 
 @contextlib.contextmanager

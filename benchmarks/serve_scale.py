@@ -2,7 +2,8 @@
 
 One output folder holds the tiny test base and the largest number of subjects asked
 for (synthetic scale sets written with pipeline.store.write_subject, exactly as
-`submit` writes trained ones; serve_common.prepare_output). Then, without Ray:
+`submit` writes trained ones, 10,000 in about 40 s; serve_common.prepare_output).
+Then, without Ray:
 
 1. added latency per request: for each bank capacity C (16 .. 1,024) and each number
    of subjects n (1 .. 10,000), sequential single-image requests cycle over n subjects
@@ -20,8 +21,8 @@ for (synthetic scale sets written with pipeline.store.write_subject, exactly as
    backend (deploy.app.ServeBackend: SubjectCatalog) in-process (FastAPI TestClient):
    the first (cold) call, and warm calls at random offsets.
 
-    nice .venv/bin/python benchmarks/serve_scale.py --json outputs/serve_scale.json \\
-        --plot docs/serve_scale.png
+    nice .venv/bin/python benchmarks/serve_scale.py --root /tmp/scale --steps 1 \\
+        --requests 20 --json outputs/serve_scale.json --plot docs/serve_scale.png  # docs
     .venv/bin/python benchmarks/serve_scale.py --quick      # seconds; run by the tests
 """
 

@@ -150,6 +150,9 @@ class ServeBackend:
     def servable(self, subject_id: str) -> SubjectInfo:
         return self.catalog.servable(subject_id)
 
+    def read_sample(self, subject_id: str, index: int) -> bytes:
+        return self.store.read_sample(subject_id, index)
+
     async def generate(self, subject_id: str, params: GenerationParams) -> dict[str, Any]:
         handle = self.model.options(multiplexed_model_id=subject_id)
         response = handle.generate.remote(params)

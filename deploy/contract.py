@@ -61,10 +61,13 @@ _WHEN = {
 }
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` entries for these statuses, each with the one error schema."""
+def errors(*statuses: int, when: dict[int, str] | None = None
+           ) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for these statuses, each with the one error schema; `when`
+    replaces the usual description of a status for one kind of route."""
+    when = {**_WHEN, **(when or {})}
     documented: dict[int | str, dict[str, Any]] = {
-        status: {"model": ErrorBody, "description": _WHEN[status]} for status in statuses}
+        status: {"model": ErrorBody, "description": when[status]} for status in statuses}
     if 503 in documented:
         documented[503]["headers"] = {"Retry-After": {
             "description": "seconds to wait before retrying", "schema": {"type": "string"}}}
@@ -73,6 +76,10 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 LOOKUP_ERRORS = errors(404, 422)
 GENERATION_ERRORS = errors(404, 409, 413, 422, 500, 503, 504)
+SAMPLE_ERRORS = errors(404, 409, 422, when={
+    404: "no finished subject of that id, or it has no sample of that index",
+    409: "the sample file does not match its checksum (changed since training)",
+    422: "invalid subject id, or a sample index that is not an integer in [0, 99]"})
 
 
 def error_response(status: int, text: str, headers: dict[str, str] | None = None,

@@ -6,12 +6,15 @@ Routes (OpenAPI at /docs):
     GET  /healthz                            {"status": "ok", "base": ...}
     GET  /v1/subjects                        finished subjects in storage
     GET  /v1/subjects/{subject_id}           one subject
+    GET  /v1/subjects/{subject_id}/samples/{index}   a sample image made after training
+                                             (image/png; index 0 .. samples - 1)
     POST /v1/subjects/{subject_id}/images    generate: image/png, or JSON for several
     POST /v1/images                          the same, subject from the header
                                              `serve_multiplexed_model_id`
     POST /v1/images/generations              OpenAI's images API (openai_api.py)
 
-Status codes: 404 unknown subject; 409 scale set that does not fit the served base;
+Status codes: 404 unknown subject or sample; 409 scale set that does not fit the served
+base, or a sample that fails its checksum;
 413 body over 64 KiB (with or without Content-Length); 422 invalid or out-of-bounds
 parameters or subject id, a body that is not JSON, a request over the per-request
 cost bound (pixels x steps x images); 503 overloaded (with Retry-After); 504 past the
@@ -35,6 +38,7 @@ from .contract import (
     GENERATION_ERRORS,
     LOOKUP_ERRORS,
     MAX_BODY_BYTES,
+    SAMPLE_ERRORS,
     SUBJECT_ID_HELP,
     SUBJECT_ID_SCHEMA,
     BodyLimit,
@@ -46,7 +50,7 @@ from .errors import DeadlinePassed, InvalidRequest, Relayed, ServeError, message
 from .openai_api import add_openai_route
 from .params import GenerationParams, Limits, request_model, resolve, validation_message
 from .playground import playground_html
-from .store import BaseRef, SubjectInfo, check_subject_id
+from .store import MAX_SAMPLES, BaseRef, SubjectInfo, check_subject_id
 
 logger = logging.getLogger("tuneqdm.deploy")
 
@@ -57,6 +61,14 @@ __all__ = ["MAX_BODY_BYTES", "SUBJECT_HEADER", "Backend", "Generator", "create_a
 
 SubjectPath = Annotated[str, Path(description=SUBJECT_ID_HELP,
                                   json_schema_extra=SUBJECT_ID_SCHEMA)]
+SampleIndex = Annotated[int, Path(ge=0, le=MAX_SAMPLES - 1,
+                                  description=f"sample number, 0..{MAX_SAMPLES - 1}")]
+
+
+class PNGResponse(Response):
+    """An image/png answer."""
+
+    media_type = "image/png"
 
 
 class Backend(Protocol):
@@ -70,6 +82,10 @@ class Backend(Protocol):
     def describe(self, subject_id: str) -> SubjectInfo: ...
 
     def servable(self, subject_id: str) -> SubjectInfo: ...
+
+    def read_sample(self, subject_id: str, index: int) -> bytes:
+        """PNG bytes of the subject's sample `index` (SubjectStore.read_sample)."""
+        ...
 
     async def generate(self, subject_id: str, params: GenerationParams) -> dict[str, Any]:
         """{"images": [png bytes], "seeds": [...], and optional batch facts:
@@ -175,7 +191,7 @@ def _add_error_handling(app: FastAPI) -> None:
 
 def _add_catalog_routes(app: FastAPI, backend: Backend, limits: Limits,
                         bounds: dict[str, Any]) -> None:
-    """GET /, /healthz, /v1/subjects and /v1/subjects/{subject_id}."""
+    """GET /, /healthz, /v1/subjects, /v1/subjects/{subject_id} and its samples."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(request: Request) -> HTMLResponse:
@@ -209,6 +225,19 @@ def _add_catalog_routes(app: FastAPI, backend: Backend, limits: Limits,
         """One finished subject (also one trained on another base: servable false)."""
         check_subject_id(subject_id)
         return (await run_in_threadpool(backend.describe, subject_id)).to_dict()
+
+    @app.get("/v1/subjects/{subject_id}/samples/{index}", response_class=Response,
+             responses={200: {"content": {"image/png": {"schema": {
+                 "type": "string", "format": "binary"}}},
+                 "description": "the PNG the pipeline made after training"},
+                 **SAMPLE_ERRORS})
+    async def get_sample(subject_id: SubjectPath, index: SampleIndex) -> PNGResponse:
+        """One of the subject's sample images (`samples` in its listing entry says how
+        many), checked against its done.json checksum. Training photos are not kept
+        in the subject folder (docs/design.md §4), so there is no route for them."""
+        check_subject_id(subject_id)
+        png = await run_in_threadpool(backend.read_sample, subject_id, index)
+        return PNGResponse(png, headers={"Cache-Control": "no-cache"})
 
 
 IMAGE_ANSWERS = {200: {"content": {"image/png": {"schema": {"type": "string",

@@ -27,6 +27,7 @@ MAX_SEED = 2**53 - 1
 # Strength alpha: the subject's scales are s0 + alpha (s - s0) (tuneqdm ScaleTable.select);
 # 0 is the untuned base, 1 the subject, above 1 an exaggerated subject.
 MAX_STRENGTH = 1.5
+STRENGTH_BOUNDS: dict[str, Any] = {"ge": 0.0, "le": MAX_STRENGTH, "allow_inf_nan": False}
 PLACEHOLDERS = ("{token}", "{class_noun}")
 
 
@@ -140,11 +141,24 @@ def request_model(limits: Limits) -> type[BaseModel]:
         height=(OptionalWholeInt, Field(None, **side, description="default: the model's size")),
         width=(OptionalWholeInt, Field(None, **side, description="default: the model's size")),
         num_images=(WholeInt, Field(1, ge=1, le=limits.max_images)),
-        strength=(float, Field(1.0, ge=0.0, le=MAX_STRENGTH, allow_inf_nan=False,
+        strength=(float, Field(1.0, **STRENGTH_BOUNDS,
                                description="the subject's strength alpha: scales "
                                            "s0 + alpha (s - s0); 0 the untuned base, 1 the "
                                            "subject")),
     )
+
+
+def check_strength(value: float) -> float:
+    """`value` if it is a strength the HTTP API accepts (a finite number in [0,
+    MAX_STRENGTH]), else InvalidRequest in the words of its 422 ("strength: Input
+    should be less than or equal to 1.5"). For callers that skip `request_model`."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(Annotated[float, Field(**STRENGTH_BOUNDS)]).validate_python(value)
+    except ValidationError as err:
+        errors = [{**error, "loc": ("strength",)} for error in err.errors()]
+        raise InvalidRequest(validation_message(errors)) from None
 
 
 def fill_prompt(template: str, token: str, class_noun: str) -> str:

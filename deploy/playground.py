@@ -1,8 +1,12 @@
 """The playground page at `/`: pick a subject, type a prompt, see the images.
 
-Strength slider (0: the untuned base, 1: the subject), several images at once, and
-the facts of the batch each answer rode in (images, distinct subjects, replica,
-scale set loaded or cached).
+Picking a subject shows, next to the prompt, what it is (token, class noun, training)
+and the sample images the pipeline made after training it (GET
+/v1/subjects/{id}/samples/{n}); its training photos are not kept in the subject folder
+(docs/design.md §4), and the page says so with their count. Strength slider (0: the
+untuned base, 1: the subject), several images at once, and the facts of the batch each
+answer rode in (images, distinct subjects, replica, scale set loaded or cached), kept
+as a list of answers.
 
 One self-contained HTML page (no external scripts, styles or fonts: it works on a
 machine without internet), talking to the JSON API with fetch(). The server fills in
@@ -23,7 +27,7 @@ _PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>TuneQDM playground</title>
 <style>
-  body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 44rem;
+  body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 62rem;
          padding: 0 1rem; color: #222; }
   h1 { font-size: 1.4rem; }
   label { display: block; margin: .6rem 0 .2rem; font-weight: 600; }
@@ -39,6 +43,12 @@ _PAGE = """<!doctype html>
             border: 1px solid #ccc; min-width: 128px; }
   #gallery { display: flex; gap: .5rem; flex-wrap: wrap; }
   small { color: #666; }
+  #layout { display: flex; gap: 2rem; flex-wrap: wrap; }
+  #controls { flex: 3; min-width: 20rem; }
+  #subject-card { flex: 2; min-width: 14rem; }
+  #samples img { width: 96px; margin: 0 .3rem .3rem 0; image-rendering: pixelated;
+                 border: 1px solid #ccc; }
+  #history { padding-left: 1.2rem; font-size: .9rem; }
 </style>
 </head>
 <body>
@@ -46,6 +56,8 @@ _PAGE = """<!doctype html>
 <p><small>Every subject is a small set of quantization scales on one shared quantized
 base (<span id="base">...</span>). <code>{token}</code> and <code>{class_noun}</code>
 in the prompt name the subject.</small></p>
+<div id="layout">
+<div id="controls">
 <label for="subject">Subject</label>
 <select id="subject"><option value="">loading...</option></select>
 <label for="prompt">Prompt</label>
@@ -71,11 +83,22 @@ in the prompt name the subject.</small></p>
 <input id="strength" type="range" min="0" max="__MAX_STRENGTH__" step="0.05" value="1"
        style="width:100%">
 <button id="generate" type="button">Generate</button>
+</div>
+<div id="subject-card">
+<h2 style="font-size:1.1rem">About this subject</h2>
+<p id="subject-facts"><small>Pick a subject.</small></p>
+<div id="samples"></div>
+<p id="photos-note"><small></small></p>
+</div>
+</div>
 <div id="status" role="status"></div>
 <div id="gallery"><img id="result" alt="generated image" hidden></div>
+<ol id="history"></ol>
 <script>
 const ROOT = __ROOT__;
 const $ = (id) => document.getElementById(id);
+const SUBJECTS = new Map();  // subject id -> its listing entry
+const SHOWN_SAMPLES = 8;  // at most this many sample images beside the prompt
 function setStatus(text, isError) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
@@ -94,6 +117,7 @@ async function loadSubjects() {
     const select = $("subject");
     select.innerHTML = "";
     for (const s of listing.subjects.filter((s) => s.servable)) {
+      SUBJECTS.set(s.subject_id, s);
       const option = document.createElement("option");
       option.value = s.subject_id;
       option.textContent = s.subject_id + " (" + s.token + " " + s.class_noun + ")";
@@ -104,8 +128,37 @@ async function loadSubjects() {
       setStatus("No finished subjects for this base yet.", true);
     } else {
       setStatus(select.options.length + " subject(s) ready.", false);
+      showSubject();
     }
   } catch (e) { setStatus("Cannot reach the service: " + e, true); }
+}
+function showSubject() {
+  const s = SUBJECTS.get($("subject").value);
+  const samples = $("samples");
+  samples.innerHTML = "";
+  if (!s) return;
+  $("subject-facts").textContent = s.token + " " + s.class_noun + ": " + s.method + ", " +
+    s.bits + "-bit, " + s.num_experts + " expert(s), trained " + (s.trained_at || "?") +
+    (s.steps ? " in " + s.steps + " steps" : "") + '; prompt "' + s.instance_prompt + '"';
+  for (let index = 0; index < Math.min(s.samples, SHOWN_SAMPLES); index++) {
+    const image = document.createElement("img");
+    image.src = ROOT + "/v1/subjects/" + encodeURIComponent(s.subject_id) + "/samples/" +
+                index;
+    image.alt = "sample " + (index + 1) + " of " + s.subject_id;
+    image.title = "sample " + (index + 1) + ", made after training";
+    samples.appendChild(image);
+  }
+  $("photos-note").firstElementChild.textContent =
+    (s.samples ? s.samples + " sample(s) made after training" +
+     (s.samples > SHOWN_SAMPLES ? " (the first " + SHOWN_SAMPLES + " shown). " : ". ")
+     : "No samples stored. ") +
+    "Trained on " + s.training_photos + " photo(s); training photos are not kept with " +
+    "the subject, so they are not shown.";
+}
+function recordAnswer(text) {
+  const item = document.createElement("li");
+  item.textContent = text;
+  $("history").prepend(item);
 }
 async function generate() {
   const subject = $("subject").value;
@@ -154,6 +207,8 @@ async function generate() {
       if (answer.scale_set) facts += ", scale set " + answer.scale_set;
     }
     setStatus("seed " + answer.seed + ", " + ms + " ms" + facts, false);
+    recordAnswer(subject + ", strength " + body.strength + ", " + answer.images.length +
+                 " image(s), seed " + answer.seed + ", " + ms + " ms" + facts);
   } catch (e) {
     setStatus("Request failed: " + e, true);
   } finally {
@@ -161,6 +216,7 @@ async function generate() {
   }
 }
 $("generate").addEventListener("click", generate);
+$("subject").addEventListener("change", showSubject);
 $("strength").addEventListener("input", () => {
   $("strength-value").textContent = $("strength").value; });
 loadSubjects();

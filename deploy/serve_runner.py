@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .params import GenerationParams, Limits, check_params, resolve
+from .params import GenerationParams, Limits, check_params, check_strength, resolve
 from .settings import ServeSettings
 from .store import SubjectStore, check_subject_id
 
@@ -171,19 +171,23 @@ def generate_to_files(store: SubjectStore, subject_id: str, prompt: str, out_pat
                       guidance_scale: float | None = None, seed: int = 0,
                       height: int | None = None, width: int | None = None,
                       num_images: int = 1, device: str = "auto", dtype: str = "auto",
-                      scheduler: str | None = None, threads: int | None = None
+                      scheduler: str | None = None, threads: int | None = None,
+                      strength: float = 1.0
                       ) -> tuple[list[GeneratedFile], GenerationParams]:
     """Images of `subject_id` for `prompt` in one batch, written as PNGs: one to
     `out_path`, several to NAME-0.png .. NAME-(N-1).png. Image j uses seed + j, as
     POST /v1/subjects/{id}/images does, so both give the same images.
 
     Steps and guidance default to GENERATE_LIMITS' defaults; height and width to the
-    base's size. Raises InvalidRequest for parameters out of GENERATE_LIMITS,
+    base's size. `strength` alpha in [0, 1.5] as in the HTTP API: the subject's scales
+    are s0 + alpha (s - s0), 0 the untuned base, 1 the subject. Raises InvalidRequest
+    for parameters out of GENERATE_LIMITS (the strength before anything is read),
     SubjectNotFound / SubjectMismatch for the subject, ValueError otherwise.
     """
     from .engine import Engine, GenerationRequest, LoadedSubject
 
     check_subject_id(subject_id)
+    strength = check_strength(strength)
     if threads:
         import torch
 
@@ -194,7 +198,8 @@ def generate_to_files(store: SubjectStore, subject_id: str, prompt: str, out_pat
     engine.check_fits(scale_set)
     body = {"prompt": prompt, "negative_prompt": negative_prompt or None,
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-            "seed": seed, "height": height, "width": width, "num_images": num_images}
+            "seed": seed, "height": height, "width": width, "num_images": num_images,
+            "strength": strength}
     params = check_params(resolve(body, GENERATE_LIMITS, engine.native_size, info.token,
                                   info.class_noun), GENERATE_LIMITS)
     result = engine.run([GenerationRequest(LoadedSubject(info, scale_set), params)])[0]

@@ -9,6 +9,11 @@ the reader that resume and `status` use too: a subject is listed once its done.j
 and meta.json check out, servable when meta.json names the served base's fingerprint;
 its scale set is then read, checked against its checksum, parsed (never unpickled),
 and checked against the base's layers by the caller (ScaleSet.check_fits).
+
+A subject's sample images (`samples/NN.png`, listed in its done.json) are read one at
+a time, checksum-checked, for GET /v1/subjects/{id}/samples/{index}. The training
+photos are not part of the subject folder (docs/design.md §4: meta.json names where
+they were, which may be a path on another machine), so they are counted, never served.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from pipeline.store import (
     last_run_base,
     local_base_path,
     read_base,
+    read_subject_file,
+    sample_name,
     subject_ids,
     validate_subject_id,
     verify_subject,
@@ -39,6 +46,7 @@ from pipeline.store import (
 from .errors import BaseNotFound, InvalidRequest, SubjectMismatch, SubjectNotFound
 
 BaseRef = BaseInfo  # the served base (address, fingerprint, source, quant_config, ...)
+MAX_SAMPLES = 100  # sample indices 0..99: samples/NN.png has two digits
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,8 @@ class SubjectInfo:
     final_loss: float | None
     steps: int | None
     scales_sha256: str
+    samples: int = 0  # sample images in the folder: GET .../samples/0 .. samples-1
+    training_photos: int = 0  # photos it was trained on (not stored in the folder)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,11 +161,37 @@ class SubjectStore:
             base_fingerprint=meta.base_fingerprint,
             servable=meta.base_fingerprint == self.base.fingerprint,
             instance_prompt=meta.instance_prompt, final_loss=meta.final_loss,
-            steps=meta.steps, scales_sha256=verdict.files.get(SCALES, ""))
+            steps=meta.steps, scales_sha256=verdict.files.get(SCALES, ""),
+            samples=_sample_count(verdict.files), training_photos=len(meta.images))
 
     def describe(self, subject_id: str) -> SubjectInfo:
         """The subject's listing entry; SubjectNotFound if it has not finished."""
         return self._info(self._verified(subject_id, load_scales=False))
+
+    def read_sample(self, subject_id: str, index: int) -> bytes:
+        """The PNG bytes of the subject's sample `index` (0 .. samples-1), checked
+        against done.json's checksum. Raises InvalidRequest (422: bad id or index out
+        of [0, MAX_SAMPLES)), SubjectNotFound (404: no finished subject, no such sample,
+        file missing) or SubjectMismatch (409: the file changed since training)."""
+        check_subject_id(subject_id)
+        if isinstance(index, bool) or not isinstance(index, int) or \
+                not 0 <= index < MAX_SAMPLES:
+            raise InvalidRequest(f"sample index {index!r} is invalid: use an integer in "
+                                 f"[0, {MAX_SAMPLES - 1}]")
+        verdict = self._verified(subject_id, load_scales=False)
+        name = sample_name(index)
+        if name not in verdict.files:
+            count = _sample_count(verdict.files)
+            held = f"0..{count - 1}" if count else "none"
+            raise SubjectNotFound(f"subject {subject_id!r} has no sample {index} (its "
+                                  f"samples: {held})")
+        data = read_subject_file(self.storage, verdict, name)
+        if isinstance(data, bytes):
+            return data
+        if data.defect is Defect.MISSING:
+            raise SubjectNotFound(f"subject {subject_id!r}: {name} is missing")
+        raise SubjectMismatch(f"subject {subject_id!r}: {name} does not match its checksum "
+                              "(changed or corrupt since training)")
 
     def _check_servable(self, info: SubjectInfo) -> SubjectInfo:
         if not info.servable:
@@ -201,6 +237,14 @@ class SubjectStore:
         if not verdict.done:
             raise SubjectMismatch(f"scale set of {subject_id!r}: {verdict.reason}")
         return verdict.scale_set, info
+
+
+def _sample_count(files: dict[str, str]) -> int:
+    """How many of done.json's files are samples (samples/NN.png, numbered from 0)."""
+    count = 0
+    while sample_name(count) in files:
+        count += 1
+    return count
 
 
 class SubjectCatalog:

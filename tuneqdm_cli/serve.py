@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from deploy.errors import BaseNotFound, InvalidRequest, ServeError
+from deploy.params import MAX_STRENGTH, check_strength
 from deploy.serve_runner import (
     GENERATE_LIMITS,
     PROXY_LOCATIONS,
@@ -214,6 +215,9 @@ def _first_error(err: Exception) -> str:
 @click.option("--negative-prompt", default=None)
 @config_option("--num-images", type=click.IntRange(1, GENERATE_LIMITS.max_images),
                source=GENERATE)
+@config_option("--strength", type=float, source=GENERATE, metavar="ALPHA",
+               help=f"The subject's strength alpha in [0, {MAX_STRENGTH}], as the HTTP "
+                    "API's: scales s0 + alpha (s - s0); 0 the untuned base, 1 the subject.")
 @base_option
 @storage_option
 @config_option("--device", source=GENERATE)
@@ -233,6 +237,11 @@ def generate_command(output: str, subject_id: str, prompt: str, out_path: str,
         check_subject_id(subject_id)
     except InvalidRequest as err:
         raise click.BadParameter(str(err), param_hint="SUBJECT_ID") from None
+    if options.get("strength") is not None:
+        try:  # before storage is opened; in the HTTP API's words
+            check_strength(options["strength"])
+        except InvalidRequest as err:
+            raise click.UsageError(str(err)) from None
     store = _open(output, storage_options, base)
     try:
         files, params = generate_to_files(store, subject_id, prompt, out_path,

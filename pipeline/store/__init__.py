@@ -36,6 +36,7 @@ from .layout import (
     SUMMARY_JSON,
     SUMMARY_PARQUET,
     base_rel,
+    sample_name,
     subject_rel,
     validate_subject_id,
 )
@@ -47,7 +48,14 @@ from .storage import (
     parse_storage_options,
     sha256_hex,
 )
-from .subjects import Defect, Verdict, subject_ids, verify_subject, write_subject
+from .subjects import (
+    Defect,
+    Verdict,
+    read_subject_file,
+    subject_ids,
+    verify_subject,
+    write_subject,
+)
 
 __all__ = [
     "BASES_DIR", "DONE", "ID_RULE", "META", "SAMPLES_DIR", "SCALES", "SUBJECTS_DIR",
@@ -55,6 +63,6 @@ __all__ = [
     "SubjectMeta", "Verdict", "base_rel", "complete_bases", "content_address",
     "default_cache_dir", "is_remote", "last_run_base", "local_base_path", "native_size",
     "parse_storage_options", "quantize_into_storage", "read_base", "read_base_config",
-    "read_done", "sha256_hex", "subject_ids", "subject_rel", "validate_subject_id",
-    "verify_subject", "write_base", "write_subject",
+    "read_done", "read_subject_file", "sample_name", "sha256_hex", "subject_ids",
+    "subject_rel", "validate_subject_id", "verify_subject", "write_base", "write_subject",
 ]

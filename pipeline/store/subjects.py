@@ -9,7 +9,8 @@ needs. It always reads done.json and meta.json (checksum-checked) and compares t
 base fingerprint and spec hash it was asked about; `load_scales` also reads the scale
 set, checks its checksum, parses it (never unpickled) and checks that it names this
 subject and the base in meta.json; `check_files` also checksums every other listed
-file (the samples). A crash at any point before done.json leaves a folder that is
+file (the samples); `read_subject_file` reads one listed file (a sample) of a verified
+folder, checksum-checked. A crash at any point before done.json leaves a folder that is
 simply redone; rewriting deletes done.json first, so a half-overwritten folder is
 never mistaken for a finished one.
 """
@@ -158,6 +159,15 @@ def _read_marker(storage: Storage, subject_id: str) -> Verdict:
         return Verdict(False, "done.json lists no scale set or meta", defect=Defect.NOT_DONE,
                        subject_id=subject_id)
     return Verdict(True, "finished", subject_id=subject_id, files=dict(files))
+
+
+def read_subject_file(storage: Storage, found: Verdict, name: str) -> bytes | Verdict:
+    """The bytes of `name` (e.g. `samples/00.png`), a file that `found` (a passing
+    Verdict of verify_subject) lists, if they match their checksum; else a failing
+    Verdict (MISSING, CHECKSUM). KeyError if done.json does not list `name`."""
+    if name not in found.files:
+        raise KeyError(name)
+    return _read_checked(storage, found, name)
 
 
 def _read_checked(storage: Storage, found: Verdict, name: str) -> bytes | Verdict:

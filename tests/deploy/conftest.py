@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from deploy_testkit import DREAMBOOTH, STEPS, SUBJECTS
+from deploy_testkit import DREAMBOOTH, SAMPLES, STEPS, SUBJECTS
 
 # Before Ray starts: its workers inherit this environment.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,8 +22,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture(scope="session")
 def trained_output(tmp_path_factory) -> Path:
-    """A submit's --output with subjects dog, cat, backpack (servable), `alien` (its
-    scale set names another base: 409) and `halfway` (no done.json: 404)."""
+    """A submit's --output with subjects dog, cat, backpack (servable, SAMPLES sample
+    images each), `alien` (its scale set names another base: 409; no samples) and
+    `halfway` (no done.json: 404)."""
     from click.testing import CliRunner
 
     from tuneqdm.testing import save_tiny_pipeline
@@ -46,7 +47,7 @@ def trained_output(tmp_path_factory) -> Path:
     result = CliRunner().invoke(main, [
         "submit", str(csv), "--output", str(output), "--base-model", str(base_model),
         "--steps", "4", "--lr-scale-out", "5e-3", "--actors", "1", "--cpus-per-actor", "1",
-        "--samples", "0"])
+        "--samples", str(SAMPLES), "--sample-steps", "2"])
     assert result.exit_code == 0, result.output
     _forge_alien(output)
     halfway = output / "subjects" / "halfway"

@@ -10,6 +10,7 @@ DREAMBOOTH = Path(__file__).resolve().parents[3] / "shared" / "dreambooth"  # be
 SUBJECTS = {"dog": ("dog", "sks"), "cat": ("cat", "zwx"), "backpack": ("backpack", "qvt")}
 STEPS = 4  # sampling steps used by the tests: enough for subjects to differ, still fast
 PROMPT = "a photo of {token} {class_noun}"
+SAMPLES = 2  # sample images `submit` makes per subject (served by GET .../samples/{n})
 
 
 def free_port() -> int:
@@ -46,6 +47,9 @@ class LocalBackend:
 
     def servable(self, subject_id):
         return self.store.servable(subject_id)
+
+    def read_sample(self, subject_id, index):
+        return self.store.read_sample(subject_id, index)
 
     async def generate(self, subject_id, params):
         from deploy.engine import GenerationRequest, LoadedSubject

@@ -3,6 +3,7 @@ and the blocking `serve` in a process of its own, stopped with Ctrl-C (SIGINT)."
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -72,6 +73,56 @@ def test_generate_writes_numbered_images(trained_output, tmp_path):
     bad = CliRunner().invoke(main, ["generate", str(trained_output), "dog", "x",
                                     "-o", str(tmp_path / "odd.png"), "--height", "20"])
     assert bad.exit_code == 2 and "multiple of 8" in bad.output
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("1.6", "strength: Input should be less than or equal to 1.5"),
+    ("-0.1", "strength: Input should be greater than or equal to 0"),
+    ("nan", "strength: Input should be a finite number"),
+    ("strong", "'strong' is not a valid float"),
+])
+def test_generate_refuses_a_strength_out_of_bounds(tmp_path, value, expected):
+    """Checked before storage is opened (the output does not even exist), in the words
+    of the HTTP API's 422."""
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "missing"), "dog", "x",
+                                       "-o", str(tmp_path / "x.png"), "--strength", value])
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_strength_zero_is_the_untuned_base(trained_output, base_dir, tmp_path):
+    """--strength 0 gives exactly the image of the quantized base with its own scales
+    s0 (tuneqdm.generate, no scale set), whichever subject; 1 is the subject (the
+    default), 0.5 neither."""
+    import numpy as np
+
+    from tuneqdm.base import load_quantized_pipeline
+    from tuneqdm.generate import generate
+
+    def cli(subject: str, *strength: str) -> bytes:
+        path = tmp_path / f"{subject}-{'-'.join(strength) or 'default'}.png"
+        result = CliRunner().invoke(main, [
+            "generate", str(trained_output), subject, "a photo", "-o", str(path),
+            "--steps", str(STEPS), "--seed", "5", *(("--strength", *strength) if strength
+                                                      else ())])
+        assert result.exit_code == 0, result.output
+        return path.read_bytes()
+
+    def pixels(png: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+
+    pipe = load_quantized_pipeline(base_dir)
+    pipe.set_progress_bar_config(disable=True)
+    (base,) = generate(pipe, ["a photo"], None, seed=5, num_inference_steps=STEPS,
+                       height=16, width=16)
+    base = np.asarray(base).astype(np.int16)
+    assert np.array_equal(pixels(cli("dog", "0")), base)
+    assert np.array_equal(pixels(cli("cat", "0")), base)
+    subject = cli("dog")
+    assert cli("dog", "1") == subject and np.abs(pixels(subject) - base).mean() > 0.5
+    half = pixels(cli("dog", "0.5"))
+    for other in (base, pixels(subject)):
+        assert np.abs(half - other).mean() > 0.2
 
 
 def test_serve_command_runs_until_interrupted(trained_output, tmp_path):

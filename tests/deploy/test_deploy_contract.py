@@ -113,7 +113,7 @@ def test_schemathesis_finds_no_contract_failure(live, trained_output, base_dir, 
 
     started = time.monotonic()
     report = _schemathesis(live, tmp_path, "--exclude-path", "/v1/images")
-    assert "Tested: 5" in " ".join(report.split()), report[-3000:]
+    assert "Tested: 6" in " ".join(report.split()), report[-3000:]
     store = SubjectStore(str(trained_output))
     backend = LocalBackend(store, Engine(base_dir, store.base.fingerprint, capacity=2))
     limits = Limits(default_steps=STEPS, max_steps=50, max_side=64, max_images=3)
@@ -249,6 +249,12 @@ def test_openapi_declares_what_the_server_enforces(live):
     assert listing["offset"]["minimum"] == 0
     assert sorted(paths["/v1/subjects/{subject_id}"]["get"]["responses"]) == [
         "200", "404", "422"]
+    sample = paths["/v1/subjects/{subject_id}/samples/{index}"]["get"]
+    assert sorted(sample["responses"]) == ["200", "404", "409", "422"]
+    assert list(sample["responses"]["200"]["content"]) == ["image/png"]
+    assert sample["responses"]["404"]["content"]["application/json"]["schema"] == error
+    index = {p["name"]: p["schema"] for p in sample["parameters"]}["index"]
+    assert (index["type"], index["minimum"], index["maximum"]) == ("integer", 0, 99)
     openai_body = spec["components"]["schemas"]["OpenAIImageRequest"]["properties"]
     allowed = openai_body["response_format"]["anyOf"][0]
     assert allowed.get("enum", [allowed.get("const")]) == ["b64_json"]

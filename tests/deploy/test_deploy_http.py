@@ -8,7 +8,7 @@ import io
 import json
 
 import pytest
-from deploy_testkit import PROMPT, STEPS, LocalBackend, assert_close
+from deploy_testkit import PROMPT, SAMPLES, STEPS, LocalBackend, assert_close
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -96,6 +96,34 @@ def test_listing_and_describing_subjects(client, backend):
     assert client.get("/v1/subjects/alien").json()["servable"] is False
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["base"]["quant_config"]["bits"] == 4
+
+
+def test_samples_are_served_as_png_with_bounded_indices(client, trained_output):
+    """GET /v1/subjects/{id}/samples/{n}: the bytes `submit` wrote, image/png; every
+    bad index or id a 4xx in the one error shape, never a path outside the folder."""
+    dog = client.get("/v1/subjects/dog").json()
+    assert (dog["samples"], dog["training_photos"]) == (SAMPLES, 2)
+    assert client.get("/v1/subjects/alien").json()["samples"] == 0
+    folder = trained_output / "subjects" / "dog" / "samples"
+    for index in range(SAMPLES):
+        answer = client.get(f"/v1/subjects/dog/samples/{index}")
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        assert answer.content == (folder / f"{index:02d}.png").read_bytes()
+        assert _png(answer.content).size == (16, 16)
+    bad = [("dog/samples/2", 404, f"'dog' has no sample 2 (its samples: 0..{SAMPLES - 1})"),
+           ("alien/samples/0", 404, "has no sample 0 (its samples: none)"),
+           ("halfway/samples/0", 404, "not found"),
+           ("nobody/samples/0", 404, "not found"),
+           ("dog/samples/100", 422, "index: Input should be less than or equal to 99"),
+           ("dog/samples/-1", 422, "index: Input should be greater than or equal to 0"),
+           ("dog/samples/1.5", 422, "index"),
+           ("dog/samples/..%2F..%2Fmeta.json", 404, "Not Found"),  # no route matches
+           ("Dog!/samples/0", 422, "is invalid: use 1-64 characters")]
+    for path, status, expected in bad:
+        answer = client.get(f"/v1/subjects/{path}")
+        assert answer.status_code == status, (path, answer.text)
+        assert expected in answer.json()["error"], (path, answer.json())
+    assert client.get("/v1/subjects/dog/samples/../meta.json").status_code == 404
 
 
 def test_openapi_shows_the_bounds_and_playground_is_served(client):

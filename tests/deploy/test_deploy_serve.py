@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from deploy_testkit import PROMPT, STEPS, assert_close, free_port
+from deploy_testkit import PROMPT, SAMPLES, STEPS, assert_close, free_port
 from PIL import Image
 
 from tuneqdm_cli.main import main
@@ -226,6 +226,15 @@ def test_playground_in_headless_chromium(server):
         assert sorted(o.get_attribute("value") for o in select.options) == [
             "backpack", "cat", "dog"]
         select.select_by_value("cat")
+        # the subject's samples appear next to the prompt, loaded from the samples route
+        wait.until(lambda b: b.execute_script(
+            "const imgs = [...document.querySelectorAll('#samples img')];"
+            "return imgs.length === arguments[0] && imgs.every((i) => i.complete"
+            " && i.naturalWidth === 16"
+            " && i.src.endsWith('/v1/subjects/cat/samples/' + imgs.indexOf(i)));", SAMPLES))
+        assert "zwx cat" in browser.find_element(By.ID, "subject-facts").text
+        note = browser.find_element(By.ID, "photos-note").text
+        assert f"{SAMPLES} sample(s)" in note and "Trained on 2 photo(s)" in note
         for field, value in (("steps", STEPS), ("seed", 21), ("size", 16)):
             element = browser.find_element(By.ID, field)
             element.clear()
@@ -250,6 +259,10 @@ def test_playground_in_headless_chromium(server):
             "return imgs.length === 2 && [...imgs].every((i) => !i.hidden && i.complete"
             " && i.naturalWidth === 16);"))
         assert "batch: 2 image(s)" in browser.find_element(By.ID, "status").text
+        history = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#history li")]
+        assert len(history) == 2 and history[0].startswith("cat, strength 0, 2 image(s)")
+        assert history[1].startswith("cat, strength 1, 1 image(s), seed 21")
+        assert all("batch: " in line for line in history)
 
         steps = browser.find_element(By.ID, "steps")
         steps.clear()

@@ -5,13 +5,14 @@ No Ray and no trained pipeline: the base is a marker and a quant.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
 import pytest
 import torch
 
-from deploy.errors import SubjectMismatch, SubjectNotFound
+from deploy.errors import InvalidRequest, SubjectMismatch, SubjectNotFound
 from deploy.store import SubjectStore
 from pipeline.store import Storage, SubjectMeta, write_base, write_subject
 from tuneqdm.scaleset import ScaleSet
@@ -101,3 +102,37 @@ def test_folders_written_before_typed_records_still_serve(output):
     assert scale_set.subject_ids == ["old"]
     assert (info.token, info.instance_prompt, info.servable) == ("zwx", "a photo of zwx dog",
                                                                  True)
+
+
+def test_samples_are_read_checked_and_bounded(output):
+    """GET .../samples/{index}'s reader: the listed file's bytes, or the error of each
+    defect; an index is bounded before any storage access."""
+    pngs = [b"\x89PNG first", b"\x89PNG second"]
+    meta = dataclasses.replace(_meta("pictured"), images=("/p/a.jpg", "/p/b.jpg", "/p/c.jpg"))
+    write_subject(output, "pictured", _scales("pictured"), meta, pngs)
+    store = SubjectStore(output.root)
+    assert [store.read_sample("pictured", i) for i in (0, 1)] == pngs
+    info = store.describe("pictured")
+    assert (info.samples, info.training_photos) == (2, 3)
+    assert (store.describe("dog").samples, store.describe("dog").training_photos) == (0, 0)
+    cases = [
+        ("pictured", 2, SubjectNotFound, "has no sample 2 (its samples: 0..1)"),
+        ("dog", 0, SubjectNotFound, "has no sample 0 (its samples: none)"),
+        ("nobody", 0, SubjectNotFound, "no finished scale set of that id"),
+        ("halfway", 0, SubjectNotFound, "no finished scale set of that id"),
+        ("pictured", 100, InvalidRequest, "sample index 100 is invalid: use an integer in "
+                                          "[0, 99]"),
+        ("pictured", -1, InvalidRequest, "sample index -1 is invalid"),
+        ("pictured", True, InvalidRequest, "sample index True is invalid"),
+        ("../dog", 0, InvalidRequest, "subject id '../dog' is invalid"),
+    ]
+    for subject_id, index, error, message in cases:
+        with pytest.raises(error) as raised:
+            store.read_sample(subject_id, index)
+        assert message in str(raised.value), (subject_id, index)
+    output.write_bytes("subjects/pictured/samples/01.png", b"\x89PNG changed")
+    with pytest.raises(SubjectMismatch, match=r"01\.png does not match its checksum"):
+        store.read_sample("pictured", 1)
+    output.remove("subjects/pictured/samples/00.png")
+    with pytest.raises(SubjectNotFound, match=r"samples/00\.png is missing"):
+        store.read_sample("pictured", 0)

@@ -1,6 +1,7 @@
 """benchmarks/serve_scale.py --quick runs end to end (so the benchmark cannot rot) and
 its numbers mean what they say: misses only when the subjects outnumber the bank,
-memory per resident subject at most its scale-set bytes, a paginated listing."""
+memory per resident subject at most its scale-set bytes, a paginated listing, and its
+fast-written synthetic subjects are valid finished subjects."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 from PIL import Image
+
+from pipeline.store import Storage, verify_subject
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,3 +41,9 @@ def test_serve_scale_quick(tmp_path):
     with Image.open(tmp_path / "scale.png") as plot:
         assert plot.format == "PNG" and plot.width >= 300
     assert "| bank slots | subjects |" in result.stdout
+    # the synthetic subjects (tensors drawn once per pool entry, written by threads) are
+    # each a finished subject of their own that the store's verifier accepts
+    storage = Storage(str(tmp_path / "out"))
+    verdicts = [verify_subject(storage, f"subject-{i:03d}") for i in range(30)]
+    assert all(v.done and v.scale_set.subject_ids == [v.subject_id] for v in verdicts)
+    assert len({v.files["scales.safetensors"] for v in verdicts}) == 30
