@@ -176,6 +176,7 @@ class _Parser:
         self.max_pixels = max_pixels
         self.min_side = min_side
         self.problems: list[Problem] = []
+        self._listed: dict[str, tuple[ImageRef, ...] | ValueError] = {}
 
     def problem(self, line: int, column: str | None, message: str) -> None:
         self.problems.append(Problem(self.name, line, column, message))
@@ -238,6 +239,7 @@ class _Parser:
         """The valid rows, each id once (problems recorded for the others)."""
         specs: list[SubjectSpec] = []
         first_line: dict[str, int] = {}
+        self._list_all(columns, rows)
         for line, cells in rows:
             if len(cells) != len(columns):
                 self.problem(line, None, f"has {len(cells)} fields, the header has "
@@ -265,14 +267,32 @@ class _Parser:
                 self.problem(line, column, str(err))
         overrides = {c: values[c] for c in OVERRIDE_COLUMNS if values.get(c) is not None}
         images: tuple[ImageRef, ...] = ()
-        try:
-            images = read_images(row["images"], self.base_dir, self.storage_options)
-        except ValueError as err:
-            self.problem(line, "images", str(err))
+        listed = self._listed.get(row["images"]) or self._list(row["images"])
+        if isinstance(listed, ValueError):
+            self.problem(line, "images", str(listed))
+        else:
+            images = listed
         if len(self.problems) != before:
             return None
         return SubjectSpec(values["subject_id"], images, values["class"], values["token"],
                            values["prompt"], values["group"], overrides, line)
+
+    def _list(self, raw: str) -> tuple[ImageRef, ...] | ValueError:
+        try:
+            return read_images(raw, self.base_dir, self.storage_options)
+        except ValueError as err:
+            return err
+
+    def _list_all(self, columns: list[str], rows: list[tuple[int, list[str]]]) -> None:
+        """List every distinct `images` cell at once (threads): against object storage
+        each listing is a few round trips, and one after another they dominated the
+        start of a large run (docs/pipeline.md, "Scale")."""
+        if "images" not in columns:
+            return
+        at = columns.index("images")
+        cells = {cells[at].strip() for _, cells in rows if len(cells) == len(columns)}
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            self._listed = dict(zip(cells, pool.map(self._list, cells), strict=True))
 
     def _check_groups(self, specs: list[SubjectSpec]) -> None:
         groups: dict[str, list[SubjectSpec]] = {}
@@ -305,7 +325,11 @@ class _Parser:
             tokens.setdefault(member.token, member.line)
 
     def _check_image_files(self, specs: list[SubjectSpec]) -> None:
-        work = [(spec, ref) for spec in specs for ref in spec.images]
+        first: dict[str, tuple[SubjectSpec, ImageRef]] = {}
+        for spec in specs:  # each photo once, reported on the first row naming it
+            for ref in spec.images:
+                first.setdefault(ref.uri, (spec, ref))
+        work = list(first.values())
 
         def check(item: tuple[SubjectSpec, ImageRef]) -> Problem | None:
             spec, ref = item

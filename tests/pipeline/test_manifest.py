@@ -177,3 +177,52 @@ def test_spec_hash_changes_with_settings_and_images(tmp_path, photos):
     (job2,) = group_jobs(load_manifest(csv))
     assert job2.spec_hash({"train": {"steps": 5}}) != same
     assert type(job2).from_dict(job2.to_dict()) == job2
+
+
+def test_rows_are_listed_at_once_and_each_photo_checked_once(tmp_path, photos,
+                                                             monkeypatch):
+    """A large manifest starts quickly: the rows' `images` cells are listed in threads
+    (each distinct cell once) and a photo named by several rows is opened once; a bad
+    one is reported on the first row that names it."""
+    import threading
+    import time
+
+    import pipeline.columns
+    import pipeline.manifest
+
+    lister, reader = pipeline.columns.list_images, pipeline.manifest.read_image_bytes
+    lock, calls = threading.Lock(), {"now": 0, "max": 0, "listed": [], "read": []}
+
+    def counted_list(raw, *args):
+        with lock:
+            calls["now"] += 1
+            calls["max"] = max(calls["max"], calls["now"])
+            calls["listed"].append(raw)
+        time.sleep(0.05)  # a round trip to object storage
+        with lock:
+            calls["now"] -= 1
+        return lister(raw, *args)
+
+    def counted_read(uri, *args):
+        calls["read"].append(uri)
+        return reader(uri, *args)
+
+    monkeypatch.setattr(pipeline.columns, "list_images", counted_list)
+    monkeypatch.setattr(pipeline.manifest, "read_image_bytes", counted_read)
+    folders = [copy_photos("cat", tmp_path / f"cat{i}", 1) for i in range(30)]
+    rows = [f"s{i:02d},{folder},cat" for i, folder in enumerate(folders)]
+    rows += [f"dog{i},{photos},dog" for i in range(5)]  # one folder, five rows
+    csv = tmp_path / "many.csv"
+    csv.write_text("subject_id,images,class\n" + "\n".join(rows) + "\n")
+    specs = load_manifest(csv)
+    assert [s.subject_id for s in specs] == [r.split(",")[0] for r in rows]
+    assert all(len(s.images) == 1 for s in specs[:30])
+    assert specs[-1].images == specs[30].images and len(specs[-1].images) == 2
+    assert calls["max"] > 1  # listed in parallel, not one row after another
+    assert sorted(calls["listed"]) == sorted({str(f) for f in folders} | {str(photos)})
+    assert len(calls["read"]) == len(set(calls["read"])) == 32
+
+    bad = photos / "zz-broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    problems = _problems(csv)
+    assert len(problems) == 1 and ":32: column images: " in problems[0], problems
