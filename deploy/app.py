@@ -59,7 +59,8 @@ class SubjectModel:
         self.engine = Engine(self.store.local_base_path(), self.store.base.fingerprint,
                              capacity=settings.max_subjects_per_replica,
                              device=settings.device, dtype=settings.dtype,
-                             scheduler=settings.scheduler)
+                             scheduler=settings.scheduler,
+                             cache_weights=settings.cache_weights)
         self.metrics = ReplicaMetrics()
         self.batcher = MixedBatcher(
             self._run_batch, key=lambda r: r.params.batch_key, subject=lambda r: r.subject.key,

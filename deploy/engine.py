@@ -115,10 +115,13 @@ class Engine:
 
     def __init__(self, base_path: str | Path, fingerprint: str, capacity: int,
                  device: str = "auto", dtype: str = "auto",
-                 scheduler: str | None = None) -> None:
+                 scheduler: str | None = None, cache_weights: bool = False) -> None:
         """capacity: subjects the bank holds (serving: ServeSettings'
         max_subjects_per_replica); scheduler: the sampler for every request
-        (tuneqdm.schedulers), set once here; None keeps the base's own."""
+        (tuneqdm.schedulers), set once here; None keeps the base's own;
+        cache_weights: keep the centred weights expanded (weight_cache_bytes says how
+        much memory that holds; the subjects' scales act on activations, so one cache
+        serves every subject)."""
         from diffusers.utils import logging as diffusers_logging
 
         from tuneqdm.base import load_quantized_pipeline
@@ -136,6 +139,11 @@ class Engine:
         if scheduler is not None:
             self.pipe.scheduler = make_scheduler(scheduler, self.pipe.scheduler.config)
         self.bank = ScaleBank(self.pipe.unet, capacity)
+        self.weight_cache_bytes = 0
+        if cache_weights:
+            from tuneqdm.inference import cache_expanded_weights
+
+            self.weight_cache_bytes = cache_expanded_weights(self.pipe.unet, self.dtype)
         self.native_size = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
     def check_fits(self, scale_set) -> None:

@@ -101,7 +101,10 @@ def _open(output: str, storage_options: dict[str, Any], base: str | None):
                source=SETTINGS, help="Per-request deadline: cancelled and 504 after it.")
 @config_option("--device", source=SETTINGS, help="auto, cpu, cuda.")
 @config_option("--dtype", type=click.Choice(DTYPES), source=SETTINGS,
-               help="Text encoder / VAE / activations dtype (auto: fp16 on GPU).")
+               help="Text encoder / VAE / activations dtype (auto: bf16 on GPU).")
+@click.option("--cache-weights/--no-cache-weights", default=None,
+              help="Keep the base's integer weights expanded: faster generation for "
+                   "more memory per replica (see docs/benchmarks.md). Default: off.")
 @scheduler_option
 @config_option("--name", source=SETTINGS, help="Serve application name.")
 @config_option("--route-prefix", source=SETTINGS)

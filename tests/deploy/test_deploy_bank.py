@@ -4,6 +4,8 @@ that tuneqdm.generate gives for that subject alone."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +171,20 @@ def test_evicted_subject_demotes_its_slot(engine, loaded):
     subject.__del__()  # what Serve's LRU calls on eviction (and Python again later)
     subject.__del__()
     assert engine.bank.resident()[0] == subject.key
+
+
+def test_cached_weights_serve_the_same_images(engine, loaded, trained_output, base_dir):
+    """serve --cache-weights: the centred weights kept expanded (one cache for every
+    subject, since scales act on activations) give the images of the per-call path;
+    the memory it holds is reported: 4 bytes per weight in fp32."""
+    store = SubjectStore(str(trained_output))
+    cached = Engine(base_dir, store.base.fingerprint, capacity=3, cache_weights=True)
+    weights = sum(math.prod(layer.weight_shape)
+                  for layer in quantized_layers(cached.pipe.unet).values())
+    assert cached.weight_cache_bytes == 4 * weights
+    assert engine.weight_cache_bytes == 0
+    requests = [GenerationRequest(loaded[s], GenerationParams(
+        _prompt(s), seed=5, num_inference_steps=STEPS, height=16, width=16))
+        for s in ("dog", "cat")]
+    for plain, fast in zip(engine.run(requests), cached.run(requests), strict=True):
+        assert_close(fast.images[0], np.asarray(plain.images[0]).astype(np.int16))
