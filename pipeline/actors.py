@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -69,6 +70,10 @@ class FineTuner:
         self.load_seconds = time.perf_counter() - start
         self.jobs_done = 0
         self.metrics = _Metrics(name)
+        # the pipeline is used by one job at a time; a job queued behind it (the pool's
+        # short jobs, two calls at once: finetuner_actor) reads its photos and the
+        # previous one writes its files meanwhile
+        self.model_lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
         import torch
@@ -84,7 +89,8 @@ class FineTuner:
         total = int({**self.settings.train, **job.overrides}.get("steps", 0))
         state = {"last": 0.0, "start": time.perf_counter()}
         self._report(job, 0, total, None)
-        time.sleep(hook_hang_seconds(job))
+        with self.model_lock:  # a hung actor: nothing else trains on it either
+            time.sleep(hook_hang_seconds(job))
 
         def on_step(step: int, loss: float) -> None:
             now = time.perf_counter()
@@ -96,7 +102,7 @@ class FineTuner:
         try:
             result = train_job(self.pipe, job, spec_hash, self.settings, self.storage,
                                on_step=on_step, attempt=attempt, actor=self.name,
-                               photos=photos)
+                               photos=photos, model_lock=self.model_lock)
         except Exception as err:  # the job's own failure; the actor stays usable
             result = failed(job, f"{type(err).__name__}: {err}", attempt, self.name,
                             time.perf_counter() - state["start"])
@@ -199,7 +205,9 @@ class _Metrics:
 def finetuner_actor():
     import ray
 
-    return ray.remote(max_restarts=0, max_task_retries=0)(FineTuner)
+    # two calls at once: the one holding the model and the one queued behind it
+    # (scheduler.ActorPool's short jobs), serialised on FineTuner.model_lock
+    return ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=2)(FineTuner)
 
 
 def tracker_actor():

@@ -301,9 +301,10 @@ class ActorPool:
         except ray.exceptions.RayTaskError as err:
             result = _failed(call.job, call.attempt, slot.name, short_error(err))
         del self._in_flight[ref]
+        was_head = slot.calls[0] == ref  # a queued call may finish first (it failed early)
         slot.calls.remove(ref)
         self._finish(call.job, call.attempt, slot.name, result)
-        if slot.calls:
+        if was_head and slot.calls:
             self._announce(self._in_flight[slot.calls[0]])
 
     def _check_deadlines(self) -> None:

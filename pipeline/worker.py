@@ -12,6 +12,7 @@ to the scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import platform
@@ -78,9 +79,10 @@ def train_config_for(job: Job, settings: WorkSettings, unet=None):
     return resolve_train_config({**settings.train, **job.overrides}, unet)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Attempt:
-    """Who runs a job, which try it is, and when it started (perf_counter)."""
+    """Who runs a job, which try it is, and when it started (perf_counter; and the wall
+    clock when it took the model, for utilisation)."""
 
     job: Job
     attempt: int
@@ -95,14 +97,14 @@ class _Attempt:
 
 def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: Storage,
               on_step: Callable[[int, float], None] | None = None, attempt: int = 1,
-              actor: str = "", photos: dict[str, bytes] | None = None) -> dict[str, Any]:
+              actor: str = "", photos: dict[str, bytes] | None = None,
+              model_lock: Any = None) -> dict[str, Any]:
     """Train `job` on the loaded quantized `pipe`; write its artefacts; return a result
     dict (status "done" or "failed" with a reason). `photos`: {path: bytes} of local
     photos shipped by the driver (others are read here: s3://, or local paths when
-    train_job is called without Ray)."""
-    from tuneqdm.device import OutOfMemory, train_with_oom_retry
-    from tuneqdm.train import TrainingError, finetune
-
+    train_job is called without Ray). `model_lock`: held while `pipe` is used
+    (training, samples), so that a second job's reads and the first's writes overlap
+    another job's training on the same actor (pipeline/actors.py)."""
     run = _Attempt(job, attempt, actor, time.perf_counter())
     try:
         config = train_config_for(job, settings, pipe.unet)
@@ -113,33 +115,45 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
     if isinstance(subjects, str):
         return run.failed(subjects)
     resumption = _resumption(storage, job, spec_hash, settings)
-    used = {"config": config}
-
-    def train(candidate):  # one try at a config; on CUDA OOM, once more (tuneqdm/device.py)
-        used["config"] = candidate
-        _oom_hook(candidate)
-        return finetune(pipe, subjects, candidate, on_step=_exit_hook(on_step, attempt),
-                        resumption=resumption)
-
-    try:
-        result = train_with_oom_retry(train, config)
-    except OutOfMemory as err:
-        return run.failed(f"out of memory: {err}")
-    except TrainingError as err:
-        return run.failed(f"training failed: {err}")
-    oom_change = "" if used["config"] is config else _oom_change(config, used["config"])
-    config = used["config"]
-    if result.scale_set is None:
-        return run.failed("training returned no scale set", timed=False)
-    outputs = _write_outputs(pipe, run, spec_hash, settings, storage, config, result,
-                             resolution)
+    with model_lock or contextlib.nullcontext():
+        run.started_unix = time.time()
+        trained = _train(pipe, subjects, config, _exit_hook(on_step, attempt), resumption)
+        if isinstance(trained, str):
+            return run.failed(trained)
+        result, used = trained
+        files = _outputs(pipe, run, spec_hash, settings, used, result, resolution)
+    outputs = {sid: write_subject(storage, sid, *parts) for sid, parts in files.items()}
     remove_checkpoint(storage, job)
     return {"job_id": job.job_id, "subjects": job.subject_ids, "status": "done",
             "reason": "", "attempt": attempt, "actor": actor,
             "seconds": round(time.perf_counter() - run.start, 3),
             "final_loss": result.final_loss, "steps": len(result.losses), "outputs": outputs,
             "resumed_from_step": result.extra.get("resumed_from_step", 0),
-            "oom_retry": oom_change}
+            "oom_retry": "" if used is config else _oom_change(config, used)}
+
+
+def _train(pipe, subjects, config, on_step, resumption):
+    """(TrainResult, the config it ran with) or the reason it failed. CUDA out of
+    memory is retried once with a lighter config (tuneqdm/device.py)."""
+    from tuneqdm.device import OutOfMemory, train_with_oom_retry
+    from tuneqdm.train import TrainingError, finetune
+
+    used = {"config": config}
+
+    def train(candidate):
+        used["config"] = candidate
+        _oom_hook(candidate)
+        return finetune(pipe, subjects, candidate, on_step=on_step, resumption=resumption)
+
+    try:
+        result = train_with_oom_retry(train, config)
+    except OutOfMemory as err:
+        return f"out of memory: {err}"
+    except TrainingError as err:
+        return f"training failed: {err}"
+    if result.scale_set is None:
+        return "training returned no scale set"
+    return result, used["config"]
 
 
 def _oom_change(before, after) -> str:
@@ -229,21 +243,21 @@ def _load_subjects(job: Job, settings: WorkSettings, resolution: int,
         return str(err)
 
 
-def _write_outputs(pipe, run: _Attempt, spec_hash: str, settings: WorkSettings,
-                   storage: Storage, config, result, resolution: int) -> dict[str, str]:
-    """Write every member's folder (the job's one scale set, its samples, its meta);
-    returns subject id -> folder URI."""
+def _outputs(pipe, run: _Attempt, spec_hash: str, settings: WorkSettings, config,
+             result, resolution: int) -> dict[str, tuple[bytes, SubjectMeta, list[bytes]]]:
+    """Every member's files, made while the model is held: subject id -> (the job's one
+    scale set's bytes, its meta, its sample PNGs)."""
     import torch
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[settings.scales_dtype]
     scales = result.scale_set.to_bytes(dtype)
     samples = _samples(pipe, run.job, result.scale_set, settings, config.seed, resolution)
-    outputs = {}
+    files = {}
     for spec in run.job.subjects:
         own = samples.get(spec.subject_id, [])
         meta = _subject_meta(spec, pipe, run, spec_hash, settings, config, result, len(own))
-        outputs[spec.subject_id] = write_subject(storage, spec.subject_id, scales, meta, own)
-    return outputs
+        files[spec.subject_id] = (scales, meta, own)
+    return files
 
 
 def _subject_meta(spec: SubjectSpec, pipe, run: _Attempt, spec_hash: str,
