@@ -21,7 +21,7 @@ def test_cuda_without_a_gpu_is_a_clear_error_and_bad_names_are_refused():
         # outside Ray torch is asked; in a process connected to Ray (an earlier test's
         # session) Ray's assignment is, and it assigned no GPU
         with pytest.raises(DeviceError,
-                           match="torch sees no CUDA device|Ray assigned no GPU"):
+                           match=r"torch sees no CUDA device|Ray assigned no GPU"):
             actor_device("cuda")
     with pytest.raises(ValueError, match="device 'tpu' is invalid: one of auto, cpu, cuda"):
         actor_device("tpu")
