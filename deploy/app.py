@@ -151,8 +151,8 @@ class ServeBackend:
     def servable(self, subject_id: str) -> SubjectInfo:
         return self.catalog.servable(subject_id)
 
-    def read_sample(self, subject_id: str, index: int) -> bytes:
-        return self.store.read_sample(subject_id, index)
+    def read_sample(self, subject_id: str, index: int, kind: str = "sample") -> bytes:
+        return self.store.read_sample(subject_id, index, kind)
 
     async def generate(self, subject_id: str, params: GenerationParams) -> dict[str, Any]:
         handle = self.model.options(multiplexed_model_id=subject_id)

@@ -80,6 +80,10 @@ SAMPLE_ERRORS = errors(404, 409, 422, when={
     404: "no finished subject of that id, or it has no sample of that index",
     409: "the sample file does not match its checksum (changed since training)",
     422: "invalid subject id, or a sample index that is not an integer in [0, 99]"})
+PHOTO_ERRORS = errors(404, 409, 422, when={
+    404: "no finished subject of that id, or it has no photo thumbnail of that index",
+    409: "the thumbnail does not match its checksum (changed since training)",
+    422: "invalid subject id, or a photo index that is not an integer in [0, 99]"})
 
 
 def error_response(status: int, text: str, headers: dict[str, str] | None = None,

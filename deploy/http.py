@@ -8,6 +8,8 @@ Routes (OpenAPI at /docs):
     GET  /v1/subjects/{subject_id}           one subject
     GET  /v1/subjects/{subject_id}/samples/{index}   a sample image made after training
                                              (image/png; index 0 .. samples - 1)
+    GET  /v1/subjects/{subject_id}/photos/{index}    a training photo's thumbnail
+                                             (image/png; index 0 .. photos - 1)
     POST /v1/subjects/{subject_id}/images    generate: image/png, or JSON for several
     POST /v1/images                          the same, subject from the header
                                              `serve_multiplexed_model_id`
@@ -38,6 +40,7 @@ from .contract import (
     GENERATION_ERRORS,
     LOOKUP_ERRORS,
     MAX_BODY_BYTES,
+    PHOTO_ERRORS,
     SAMPLE_ERRORS,
     SUBJECT_ID_HELP,
     SUBJECT_ID_SCHEMA,
@@ -83,8 +86,9 @@ class Backend(Protocol):
 
     def servable(self, subject_id: str) -> SubjectInfo: ...
 
-    def read_sample(self, subject_id: str, index: int) -> bytes:
-        """PNG bytes of the subject's sample `index` (SubjectStore.read_sample)."""
+    def read_sample(self, subject_id: str, index: int, kind: str = "sample") -> bytes:
+        """PNG bytes of the subject's sample `index`, or with kind "photo" of a
+        training photo's thumbnail (SubjectStore.read_sample)."""
         ...
 
     async def generate(self, subject_id: str, params: GenerationParams) -> dict[str, Any]:
@@ -233,10 +237,21 @@ def _add_catalog_routes(app: FastAPI, backend: Backend, limits: Limits,
                  **SAMPLE_ERRORS})
     async def get_sample(subject_id: SubjectPath, index: SampleIndex) -> PNGResponse:
         """One of the subject's sample images (`samples` in its listing entry says how
-        many), checked against its done.json checksum. Training photos are not kept
-        in the subject folder (docs/design.md §4), so there is no route for them."""
+        many), checked against its done.json checksum."""
         check_subject_id(subject_id)
         png = await run_in_threadpool(backend.read_sample, subject_id, index)
+        return PNGResponse(png, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/subjects/{subject_id}/photos/{index}", response_class=Response,
+             responses={200: {"content": {"image/png": {"schema": {
+                 "type": "string", "format": "binary"}}},
+                 "description": "a thumbnail of a photo the subject was trained on"},
+                 **PHOTO_ERRORS})
+    async def get_photo(subject_id: SubjectPath, index: SampleIndex) -> PNGResponse:
+        """A thumbnail (at most 128 px a side) of one of the subject's training photos
+        (`photos` in its listing entry says how many), checksum-checked."""
+        check_subject_id(subject_id)
+        png = await run_in_threadpool(backend.read_sample, subject_id, index, "photo")
         return PNGResponse(png, headers={"Cache-Control": "no-cache"})
 
 

@@ -1,9 +1,8 @@
 """The playground page at `/`: pick a subject, type a prompt, see the images.
 
 Picking a subject shows, next to the prompt, what it is (token, class noun, training)
-and the sample images the pipeline made after training it (GET
-/v1/subjects/{id}/samples/{n}); its training photos are not kept in the subject folder
-(docs/design.md §4), and the page says so with their count. Strength slider (0: the
+its training photos (thumbnails, GET /v1/subjects/{id}/photos/{n}) and the sample
+images the pipeline made after training it (GET /v1/subjects/{id}/samples/{n}). Strength slider (0: the
 untuned base, 1: the subject), several images at once, and the facts of the batch each
 answer rode in (images, distinct subjects, replica, scale set loaded or cached), kept
 as a list of answers.
@@ -46,7 +45,7 @@ _PAGE = """<!doctype html>
   #layout { display: flex; gap: 2rem; flex-wrap: wrap; }
   #controls { flex: 3; min-width: 20rem; }
   #subject-card { flex: 2; min-width: 14rem; }
-  #samples img { width: 96px; margin: 0 .3rem .3rem 0; image-rendering: pixelated;
+  #photos img, #samples img { width: 96px; margin: 0 .3rem .3rem 0; image-rendering: pixelated;
                  border: 1px solid #ccc; }
   #history { padding-left: 1.2rem; font-size: .9rem; }
 </style>
@@ -87,6 +86,7 @@ in the prompt name the subject.</small></p>
 <div id="subject-card">
 <h2 style="font-size:1.1rem">About this subject</h2>
 <p id="subject-facts"><small>Pick a subject.</small></p>
+<div id="photos"></div>
 <div id="samples"></div>
 <p id="photos-note"><small></small></p>
 </div>
@@ -134,12 +134,21 @@ async function loadSubjects() {
 }
 function showSubject() {
   const s = SUBJECTS.get($("subject").value);
-  const samples = $("samples");
+  const samples = $("samples"), photos = $("photos");
   samples.innerHTML = "";
+  photos.innerHTML = "";
   if (!s) return;
   $("subject-facts").textContent = s.token + " " + s.class_noun + ": " + s.method + ", " +
     s.bits + "-bit, " + s.num_experts + " expert(s), trained " + (s.trained_at || "?") +
     (s.steps ? " in " + s.steps + " steps" : "") + '; prompt "' + s.instance_prompt + '"';
+  for (let index = 0; index < Math.min(s.photos, SHOWN_SAMPLES); index++) {
+    const image = document.createElement("img");
+    image.src = ROOT + "/v1/subjects/" + encodeURIComponent(s.subject_id) + "/photos/" +
+                index;
+    image.alt = "training photo " + (index + 1) + " of " + s.subject_id;
+    image.title = "training photo " + (index + 1);
+    photos.appendChild(image);
+  }
   for (let index = 0; index < Math.min(s.samples, SHOWN_SAMPLES); index++) {
     const image = document.createElement("img");
     image.src = ROOT + "/v1/subjects/" + encodeURIComponent(s.subject_id) + "/samples/" +
@@ -152,8 +161,8 @@ function showSubject() {
     (s.samples ? s.samples + " sample(s) made after training" +
      (s.samples > SHOWN_SAMPLES ? " (the first " + SHOWN_SAMPLES + " shown). " : ". ")
      : "No samples stored. ") +
-    "Trained on " + s.training_photos + " photo(s); training photos are not kept with " +
-    "the subject, so they are not shown.";
+    "Trained on " + s.training_photos + " photo(s)" +
+    (s.photos ? " (above, as thumbnails)." : "; no thumbnails of them are stored.");
 }
 function recordAnswer(text) {
   const item = document.createElement("li");

@@ -10,16 +10,18 @@ and meta.json check out, servable when meta.json names the served base's fingerp
 its scale set is then read, checked against its checksum, parsed (never unpickled),
 and checked against the base's layers by the caller (ScaleSet.check_fits).
 
-A subject's sample images (`samples/NN.png`, listed in its done.json) are read one at
-a time, checksum-checked, for GET /v1/subjects/{id}/samples/{index}. The training
-photos are not part of the subject folder (docs/design.md §4: meta.json names where
-they were, which may be a path on another machine), so they are counted, never served.
+A subject's sample images (`samples/NN.png`) and the thumbnails of its training photos
+(`photos/NN.png`, at most 128 px a side; the photos themselves stay where meta.json
+says they were, possibly on another machine), all listed in its done.json, are read
+one at a time, checksum-checked, for GET /v1/subjects/{id}/samples/{index} and
+/photos/{index}. Subjects trained before thumbnails were kept have none (photos 0).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from pipeline.store import (
     complete_bases,
     last_run_base,
     local_base_path,
+    photo_name,
     read_base,
     read_subject_file,
     sample_name,
@@ -46,7 +49,8 @@ from pipeline.store import (
 from .errors import BaseNotFound, InvalidRequest, SubjectMismatch, SubjectNotFound
 
 BaseRef = BaseInfo  # the served base (address, fingerprint, source, quant_config, ...)
-MAX_SAMPLES = 100  # sample indices 0..99: samples/NN.png has two digits
+MAX_SAMPLES = 100  # image indices 0..99: samples/NN.png and photos/NN.png have two digits
+LISTED = {"sample": sample_name, "photo": photo_name}  # images a subject folder serves
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class SubjectInfo:
     steps: int | None
     scales_sha256: str
     samples: int = 0  # sample images in the folder: GET .../samples/0 .. samples-1
-    training_photos: int = 0  # photos it was trained on (not stored in the folder)
+    training_photos: int = 0  # photos it was trained on
+    photos: int = 0  # thumbnails of them in the folder: GET .../photos/0 .. photos-1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,29 +167,33 @@ class SubjectStore:
             servable=meta.base_fingerprint == self.base.fingerprint,
             instance_prompt=meta.instance_prompt, final_loss=meta.final_loss,
             steps=meta.steps, scales_sha256=verdict.files.get(SCALES, ""),
-            samples=_sample_count(verdict.files), training_photos=len(meta.images))
+            samples=_count(verdict.files, sample_name), training_photos=len(meta.images),
+            photos=_count(verdict.files, photo_name))
 
     def describe(self, subject_id: str) -> SubjectInfo:
         """The subject's listing entry; SubjectNotFound if it has not finished."""
         return self._info(self._verified(subject_id, load_scales=False))
 
-    def read_sample(self, subject_id: str, index: int) -> bytes:
-        """The PNG bytes of the subject's sample `index` (0 .. samples-1), checked
-        against done.json's checksum. Raises InvalidRequest (422: bad id or index out
-        of [0, MAX_SAMPLES)), SubjectNotFound (404: no finished subject, no such sample,
-        file missing) or SubjectMismatch (409: the file changed since training)."""
+    def read_sample(self, subject_id: str, index: int, kind: str = "sample") -> bytes:
+        """The PNG bytes of the subject's sample `index` (0 .. samples-1), or with kind
+        "photo" of its training photo's thumbnail, checked against done.json's checksum.
+        Raises InvalidRequest (422: bad id or index out of [0, MAX_SAMPLES)),
+        SubjectNotFound (404: no finished subject, no such image, file missing) or
+        SubjectMismatch (409: the file changed since training)."""
         check_subject_id(subject_id)
+        if kind not in LISTED:
+            raise ValueError(f"kind {kind!r} is invalid: one of {sorted(LISTED)}")
         if isinstance(index, bool) or not isinstance(index, int) or \
                 not 0 <= index < MAX_SAMPLES:
-            raise InvalidRequest(f"sample index {index!r} is invalid: use an integer in "
+            raise InvalidRequest(f"{kind} index {index!r} is invalid: use an integer in "
                                  f"[0, {MAX_SAMPLES - 1}]")
         verdict = self._verified(subject_id, load_scales=False)
-        name = sample_name(index)
+        name = LISTED[kind](index)
         if name not in verdict.files:
-            count = _sample_count(verdict.files)
+            count = _count(verdict.files, LISTED[kind])
             held = f"0..{count - 1}" if count else "none"
-            raise SubjectNotFound(f"subject {subject_id!r} has no sample {index} (its "
-                                  f"samples: {held})")
+            raise SubjectNotFound(f"subject {subject_id!r} has no {kind} {index} (its "
+                                  f"{kind}s: {held})")
         data = read_subject_file(self.storage, verdict, name)
         if isinstance(data, bytes):
             return data
@@ -239,10 +248,11 @@ class SubjectStore:
         return verdict.scale_set, info
 
 
-def _sample_count(files: dict[str, str]) -> int:
-    """How many of done.json's files are samples (samples/NN.png, numbered from 0)."""
+def _count(files: dict[str, str], name: Callable[[int], str]) -> int:
+    """How many of done.json's files are of one kind (samples/NN.png or photos/NN.png,
+    numbered from 0)."""
     count = 0
-    while sample_name(count) in files:
+    while name(count) in files:
         count += 1
     return count
 

@@ -29,7 +29,7 @@ from tuneqdm.generate import DEFAULT_GUIDANCE
 from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from .manifest import Job, SubjectSpec
 from .photos import read_image_bytes
-from .store import Storage, SubjectMeta, write_subject
+from .store import THUMBNAIL_SIDE, Storage, SubjectMeta, write_subject
 
 MAX_LOSS_POINTS = 2000
 EXIT_AT_STEP_ENV = "TUNEQDM_TEST_EXIT_AT_STEP"  # test hook: see _exit_hook
@@ -111,7 +111,8 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
     except ValueError as err:
         return run.failed(f"bad training settings: {err}", timed=False)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    subjects = _load_subjects(job, settings, resolution, photos or {})
+    thumbnails: dict[str, bytes] = {}
+    subjects = _load_subjects(job, settings, resolution, photos or {}, thumbnails)
     if isinstance(subjects, str):
         return run.failed(subjects)
     resumption = _resumption(storage, job, spec_hash, settings)
@@ -122,7 +123,10 @@ def train_job(pipe, job: Job, spec_hash: str, settings: WorkSettings, storage: S
             return run.failed(trained)
         result, used = trained
         files = _outputs(pipe, run, spec_hash, settings, used, result, resolution)
-    outputs = {sid: write_subject(storage, sid, *parts) for sid, parts in files.items()}
+    photo_pngs = {spec.subject_id: [thumbnails[ref.uri] for ref in spec.images]
+                  for spec in job.subjects}
+    outputs = {sid: write_subject(storage, sid, *parts, photos=photo_pngs[sid])
+               for sid, parts in files.items()}
     remove_checkpoint(storage, job)
     return {"job_id": job.job_id, "subjects": job.subject_ids, "status": "done",
             "reason": "", "attempt": attempt, "actor": actor,
@@ -215,15 +219,18 @@ def _exit_hook(on_step: Callable[[int, float], None] | None, attempt: int):
 
 
 def _load_subjects(job: Job, settings: WorkSettings, resolution: int,
-                   photos: dict[str, bytes]) -> list | str:
-    """The job's tuneqdm Subjects with their photos loaded, or why they cannot be."""
+                   photos: dict[str, bytes], thumbnails: dict[str, bytes]) -> list | str:
+    """The job's tuneqdm Subjects with their photos loaded, or why they cannot be;
+    fills `thumbnails` (photo URI -> PNG thumbnail bytes, for the subject folder)."""
     from tuneqdm.images import ImageLoadError, load_image
     from tuneqdm.train import Subject
 
     def read(uri: str) -> bytes:
         shipped = photos.get(uri)
-        return shipped if shipped is not None else read_image_bytes(
+        data = shipped if shipped is not None else read_image_bytes(
             uri, settings.storage_options)
+        thumbnails[uri] = _thumbnail(data)
+        return data
 
     try:
         return [
@@ -241,6 +248,20 @@ def _load_subjects(job: Job, settings: WorkSettings, resolution: int,
         return f"cannot read image: {err}"
     except ValueError as err:
         return str(err)
+
+
+def _thumbnail(data: bytes) -> bytes:
+    """A training photo as a PNG of at most THUMBNAIL_SIDE px a side (for the
+    playground); an unreadable photo gives b"" here and fails in load_image."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            small = ImageOps.exif_transpose(image).convert("RGB")
+            small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    except Exception:
+        return b""
+    return _png(small)
 
 
 def _outputs(pipe, run: _Attempt, spec_hash: str, settings: WorkSettings, config,

@@ -7,6 +7,7 @@ Every name below is declared here once (docs/design.md §4):
     subjects/<subject_id>/scales.safetensors   the trained scale set
     subjects/<subject_id>/meta.json      SubjectMeta (records.py)
     subjects/<subject_id>/samples/NN.png a few generated samples
+    subjects/<subject_id>/photos/NN.png  thumbnails of its training photos (optional)
     subjects/<subject_id>/done.json      written LAST: sha256 of every file above
     summary.json, summary.parquet        the last submit's summary
 
@@ -24,6 +25,8 @@ DONE = "done.json"
 SCALES = "scales.safetensors"
 META = "meta.json"
 SAMPLES_DIR = "samples"
+PHOTOS_DIR = "photos"
+THUMBNAIL_SIDE = 128  # longest side of a training photo's thumbnail, pixels
 QUANT_JSON = "quant.json"  # written by tuneqdm.base into every base folder
 SUMMARY_JSON = "summary.json"
 SUMMARY_PARQUET = "summary.parquet"
@@ -50,6 +53,11 @@ def subject_rel(subject_id: str, name: str = "") -> str:
 def sample_name(index: int) -> str:
     """The name of the index-th sample image inside a subject folder."""
     return f"{SAMPLES_DIR}/{index:02d}.png"
+
+
+def photo_name(index: int) -> str:
+    """The name of the thumbnail of the index-th training photo inside a subject folder."""
+    return f"{PHOTOS_DIR}/{index:02d}.png"
 
 
 def base_rel(address: str, name: str = "") -> str:

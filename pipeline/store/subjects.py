@@ -1,6 +1,6 @@
 """A subject's folder in storage: writing it, and the one read-and-verify API.
 
-    subjects/<id>/samples/NN.png, scales.safetensors, meta.json   written first
+    subjects/<id>/samples/NN.png, photos/NN.png, scales.safetensors, meta.json   first
     subjects/<id>/done.json      written LAST: {"status": "done", "files": {name: sha256}}
 
 `verify_subject` is the only reader of this format; `status` (pipeline/summary.py),
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .layout import DONE, META, SCALES, SUBJECTS_DIR, sample_name, subject_rel
+from .layout import DONE, META, SCALES, SUBJECTS_DIR, photo_name, sample_name, subject_rel
 from .records import SubjectMeta
 from .storage import Storage, sha256_hex
 
@@ -66,7 +66,8 @@ class Verdict:
 
 
 def write_subject(storage: Storage, subject_id: str, scales: bytes,
-                  meta: SubjectMeta | Mapping[str, Any], samples: Sequence[bytes]) -> str:
+                  meta: SubjectMeta | Mapping[str, Any], samples: Sequence[bytes],
+                  photos: Sequence[bytes] = ()) -> str:
     """Write one subject's artefacts, done.json last. Returns the folder URI.
 
     `meta` may be a mapping in meta.json's shape; a missing subject_id is filled in.
@@ -80,6 +81,9 @@ def write_subject(storage: Storage, subject_id: str, scales: bytes,
     for index, png in enumerate(samples):
         storage.write_bytes(subject_rel(subject_id, sample_name(index)), png)
         files[sample_name(index)] = sha256_hex(png)
+    for index, png in enumerate(photos):  # thumbnails of the training photos
+        storage.write_bytes(subject_rel(subject_id, photo_name(index)), png)
+        files[photo_name(index)] = sha256_hex(png)
     storage.write_bytes(subject_rel(subject_id, SCALES), scales)
     files[SCALES] = sha256_hex(scales)
     meta_bytes = (json.dumps(meta.to_dict(), indent=2, sort_keys=True, default=str) + "\n"

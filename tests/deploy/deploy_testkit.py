@@ -48,8 +48,8 @@ class LocalBackend:
     def servable(self, subject_id):
         return self.store.servable(subject_id)
 
-    def read_sample(self, subject_id, index):
-        return self.store.read_sample(subject_id, index)
+    def read_sample(self, subject_id, index, kind="sample"):
+        return self.store.read_sample(subject_id, index, kind)
 
     async def generate(self, subject_id, params):
         from deploy.engine import GenerationRequest, LoadedSubject

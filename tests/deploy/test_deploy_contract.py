@@ -113,7 +113,7 @@ def test_schemathesis_finds_no_contract_failure(live, trained_output, base_dir, 
 
     started = time.monotonic()
     report = _schemathesis(live, tmp_path, "--exclude-path", "/v1/images")
-    assert "Tested: 6" in " ".join(report.split()), report[-3000:]
+    assert "Tested: 7" in " ".join(report.split()), report[-3000:]
     store = SubjectStore(str(trained_output))
     backend = LocalBackend(store, Engine(base_dir, store.base.fingerprint, capacity=2))
     limits = Limits(default_steps=STEPS, max_steps=50, max_side=64, max_images=3)

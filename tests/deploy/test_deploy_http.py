@@ -126,6 +126,27 @@ def test_samples_are_served_as_png_with_bounded_indices(client, trained_output):
     assert client.get("/v1/subjects/dog/samples/../meta.json").status_code == 404
 
 
+def test_training_photo_thumbnails_are_served(client, trained_output):
+    """GET /v1/subjects/{id}/photos/{n}: thumbnails of the photos it was trained on
+    (at most 128 px a side, written by submit and listed in done.json)."""
+    dog = client.get("/v1/subjects/dog").json()
+    assert dog["photos"] == dog["training_photos"] == 2
+    folder = trained_output / "subjects" / "dog" / "photos"
+    for index in range(2):
+        answer = client.get(f"/v1/subjects/dog/photos/{index}")
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        assert answer.content == (folder / f"{index:02d}.png").read_bytes()
+        assert max(_png(answer.content).size) <= 128
+    for path, status, expected in [
+            ("dog/photos/2", 404, "'dog' has no photo 2 (its photos: 0..1)"),
+            ("alien/photos/0", 404, "has no photo 0 (its photos: none)"),
+            ("dog/photos/100", 422, "index: Input should be less than or equal to 99"),
+            ("Dog!/photos/0", 422, "is invalid: use 1-64 characters")]:
+        answer = client.get(f"/v1/subjects/{path}")
+        assert answer.status_code == status, (path, answer.text)
+        assert expected in answer.json()["error"], (path, answer.json())
+
+
 def test_openapi_shows_the_bounds_and_playground_is_served(client):
     schema = client.get("/openapi.json").json()
     assert "/v1/subjects/{subject_id}/images" in schema["paths"]

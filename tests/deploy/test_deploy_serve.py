@@ -233,8 +233,13 @@ def test_playground_in_headless_chromium(server):
             " && i.naturalWidth === 16"
             " && i.src.endsWith('/v1/subjects/cat/samples/' + imgs.indexOf(i)));", SAMPLES))
         assert "zwx cat" in browser.find_element(By.ID, "subject-facts").text
+        # and its training photos, as thumbnails from the photos route
+        wait.until(lambda b: b.execute_script(
+            "const imgs = [...document.querySelectorAll('#photos img')];"
+            "return imgs.length === 2 && imgs.every((i) => i.complete && i.naturalWidth > 0"
+            " && i.src.endsWith('/v1/subjects/cat/photos/' + imgs.indexOf(i)));"))
         note = browser.find_element(By.ID, "photos-note").text
-        assert f"{SAMPLES} sample(s)" in note and "Trained on 2 photo(s)" in note
+        assert f"{SAMPLES} sample(s)" in note and "Trained on 2 photo(s) (above" in note
         for field, value in (("steps", STEPS), ("seed", 21), ("size", 16)):
             element = browser.find_element(By.ID, field)
             element.clear()

@@ -115,6 +115,16 @@ def test_samples_are_read_checked_and_bounded(output):
     info = store.describe("pictured")
     assert (info.samples, info.training_photos) == (2, 3)
     assert (store.describe("dog").samples, store.describe("dog").training_photos) == (0, 0)
+    assert info.photos == 0  # written without thumbnails (as before they were kept)
+    thumbs = [b"\x89PNG thumb a", b"\x89PNG thumb b", b"\x89PNG thumb c"]
+    write_subject(output, "thumbed", _scales("thumbed"), dataclasses.replace(
+        _meta("thumbed"), images=("/p/a.jpg", "/p/b.jpg", "/p/c.jpg")), [], photos=thumbs)
+    assert store.describe("thumbed").photos == 3
+    assert [store.read_sample("thumbed", i, "photo") for i in range(3)] == thumbs
+    with pytest.raises(SubjectNotFound, match=r"has no sample 0 \(its samples: none\)"):
+        store.read_sample("thumbed", 0)
+    with pytest.raises(InvalidRequest, match=r"photo index 100 is invalid"):
+        store.read_sample("thumbed", 100, "photo")
     cases = [
         ("pictured", 2, SubjectNotFound, "has no sample 2 (its samples: 0..1)"),
         ("dog", 0, SubjectNotFound, "has no sample 0 (its samples: none)"),

@@ -85,6 +85,13 @@ def test_train_job_writes_verified_artefacts(quantized, tmp_path):
     assert verdict.done, verdict.reason
     assert verdict.meta["samples"]["count"] == 2 and verdict.meta["actor"] == "a0"
     assert storage.list_dir("subjects/dog/samples") == ["00.png", "01.png"]
+    # thumbnails of the training photos, listed in done.json, at most 128 px a side
+    assert storage.list_dir("subjects/dog/photos") == ["00.png", "01.png"]
+    assert {"photos/00.png", "photos/01.png"} <= set(verdict.files)
+    from PIL import Image
+
+    thumb = Image.open(storage.local_path("subjects/dog/photos/00.png"))
+    assert max(thumb.size) == 128 and thumb.mode == "RGB"
 
 
 def test_nan_loss_is_the_subjects_own_failure(quantized, tmp_path):
