@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import prompt_fidelity
-from .split import CaptionDropout, held_out_scenes, sample_training_scene, training_caption
+from .evaluate import colour_accuracy, generate, held_out_prompts
+from .split import CaptionDropout, sample_training_scene, training_caption
 from .vae import build_vae
-from .world import IMAGE_SIZE, VOCABULARY, Scene, caption, render
+from .world import IMAGE_SIZE, VOCABULARY, Scene, render
 
 MAX_TOKENS = 24  # tokenizer model_max_length: the longest caption is 18 tokens
 LATENT_SIZE = IMAGE_SIZE  # the VAE does not downsample (vae.py)
@@ -54,6 +54,10 @@ class BaseConfig:
 
     seed: int = 0
     threads: int = 2  # torch threads; results are reproducible for a fixed value
+    # UNet: channels per level (32 px first, halving), and how many of the coarsest
+    # levels have cross-attention (build_unet)
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
+    attention_levels: int = 2
     # UNet + text encoder
     dataset_size: int = 20_000  # training-split images, encoded once
     steps: int = 8_000
@@ -123,15 +127,24 @@ def build_text_encoder(tokenizer):
     ))
 
 
-def build_unet():
+def build_unet(block_out_channels: tuple[int, ...] = (16, 32, 64, 64), attention_levels: int = 2):
+    """UNet2DConditionModel on (B, 4, 32, 32) latents: one level per entry of
+    `block_out_channels` (32 px, 16 px, ...), cross-attention on the `attention_levels`
+    coarsest ones (and the mid block)."""
     from diffusers import UNet2DConditionModel
 
+    levels = len(block_out_channels)
+    if not 1 <= attention_levels <= levels or LATENT_SIZE % 2 ** (levels - 1):
+        raise ValueError(f"block_out_channels={block_out_channels}, attention_levels="
+                         f"{attention_levels}: need 1 <= attention_levels <= levels and "
+                         f"{LATENT_SIZE} px divisible by 2 ** (levels - 1)")
+    plain = levels - attention_levels
+    down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attention_levels
+    up = ("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * plain
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
-        block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D",
-                          "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        block_out_channels=tuple(block_out_channels), layers_per_block=1, norm_num_groups=8,
+        down_block_types=down, up_block_types=up,
         cross_attention_dim=64, attention_head_dim=8,
         # The caption, attention-pooled, is also added to the time embedding, so every
         # resnet (also at 32 and 16 px, which have no cross-attention) is conditioned
@@ -257,43 +270,6 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latents, latent_std
     return ema_unet, ema_text, losses
 
 
-# -- evaluation ---------------------------------------------------------------------
-
-
-def generate(pipe, prompts: list[str], seed: int = 0, num_inference_steps: int = 25,
-             guidance_scale: float = 4.0, batch_size: int = 64) -> list[np.ndarray]:
-    """(32, 32, 3) uint8 images, one per prompt; image i depends only on (seed, i)."""
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i)
-                      for i in range(len(chunk))]
-        out = pipe(prompt=chunk, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, generator=generators, output_type="np")
-        images += [(np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8) for img in out.images]
-    return images
-
-
-def held_out_prompts(count: int, seed: int = 1) -> list[str]:
-    """Full captions of `count` scenes with colour pairs held out of training."""
-    return [caption(scene) for scene in held_out_scenes(count, seed)]
-
-
-def colour_accuracy(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
-    """Fractions of images showing the prompted background, object colour, both, and
-    position (metrics.prompt_fidelity)."""
-    checks = [prompt_fidelity(image, prompt) for image, prompt in zip(images, prompts,
-                                                                      strict=True)]
-    return {
-        "background": float(np.mean([c.background_ok for c in checks])),
-        "object_colour": float(np.mean([c.colour_ok for c in checks])),
-        "both_colours": float(np.mean([c.colours_ok for c in checks])),
-        "position": float(np.mean([c.position_ok for c in checks])),
-        "shape": float(np.mean([c.shape_ok for c in checks])),
-        "images": len(checks),
-    }
-
-
 # -- the whole run ------------------------------------------------------------------
 
 
@@ -311,7 +287,8 @@ def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = build_tokenizer(folder)
-    text_encoder, vae, unet = build_text_encoder(tokenizer), build_vae(), build_unet()
+    text_encoder, vae = build_text_encoder(tokenizer), build_vae()
+    unet = build_unet(config.block_out_channels, config.attention_levels)
     scheduler = build_scheduler()
 
     scenes = [sample_training_scene(rng) for _ in range(config.dataset_size)]

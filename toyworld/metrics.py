@@ -222,6 +222,14 @@ def pattern_score(object_mask: np.ndarray, shade: np.ndarray, pattern: str) -> f
                for dx in range(4) for dy in range(4))
 
 
+def classify_pattern(object_mask: np.ndarray, shade: np.ndarray) -> str | None:
+    """The pattern with the best `pattern_score` on the object ((32, 32) bool masks),
+    or None for an empty mask. Ties go to the earlier of world.PATTERNS."""
+    if not object_mask.any():
+        return None
+    return max(PATTERNS, key=lambda pattern: pattern_score(object_mask, shade, pattern))
+
+
 @dataclass(frozen=True)
 class PromptFidelity:
     """Per-image checks of what the prompt asked; None where the prompt did not ask."""

@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         if isinstance(default, tuple):
-            parser.add_argument(flag, type=type(default[0]), nargs=len(default), default=default,
+            parser.add_argument(flag, type=type(default[0]), nargs="+", default=default,
                                 help=f"default {' '.join(map(str, default))}")
         else:
             parser.add_argument(flag, type=type(default), default=default,

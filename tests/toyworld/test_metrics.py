@@ -11,13 +11,24 @@ from PIL import Image
 from toyworld.embeddings import ClipScorer, DinoScorer
 from toyworld.metrics import (
     analyse,
+    classify_pattern,
     classify_shape,
     prompt_fidelity,
     subject_fidelity,
     to_world_array,
 )
 from toyworld.subjects import SUBJECTS, subject_contexts
-from toyworld.world import COLOUR_NAMES, IMAGE_SIZE, POSITIONS, Scene, caption, render, sample_scene
+from toyworld.world import (
+    COLOUR_NAMES,
+    COLOURS,
+    IMAGE_SIZE,
+    POSITIONS,
+    Scene,
+    caption,
+    pattern_mask,
+    render,
+    sample_scene,
+)
 
 
 def _scenes(count: int, seed: int = 0) -> list[Scene]:
@@ -35,6 +46,26 @@ def test_analysis_recovers_ground_truth_exactly():
         assert np.array_equal(a.object_mask, truth.object_mask)
         assert np.array_equal(a.shade & a.object_mask, truth.pattern_mask)
         assert classify_shape(a.object_mask) == scene.shape
+
+
+def test_classify_pattern_reads_rendered_patterns_and_catches_wrong_ones():
+    for scene in _scenes(150, seed=4):
+        truth = render(scene)
+        a = analyse(truth.image)
+        assert classify_pattern(a.object_mask, a.shade) == scene.pattern
+    scene = replace(_scenes(1)[0], pattern="striped", size=14)
+    truth = render(scene)
+    main, shade = (np.array(c, dtype=np.uint8) for c in COLOURS[scene.colour])
+    flat = truth.image.copy()
+    flat[truth.object_mask] = main  # stripes lost: reads as plain
+    a = analyse(flat)
+    assert classify_pattern(a.object_mask, a.shade) == "plain"
+    checked = flat.copy()
+    checked[truth.object_mask & pattern_mask("checkered", 0, 0)] = shade
+    a = analyse(checked)
+    assert classify_pattern(a.object_mask, a.shade) == "checkered"
+    empty = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    assert classify_pattern(empty, empty) is None
 
 
 def test_prompt_fidelity_is_one_on_truth_and_catches_each_wrong_attribute():

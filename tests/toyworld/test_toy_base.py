@@ -15,14 +15,16 @@ from toyworld.base import (
     BaseConfig,
     build_text_encoder,
     build_tokenizer,
+    build_unet,
     colour_accuracy,
     generate,
     held_out_prompts,
     images_to_tensor,
     train_base,
 )
+from toyworld.split import held_out_scenes
 from toyworld.vae import COLOUR_TO_LATENT
-from toyworld.world import IMAGE_SIZE, RARE_TOKENS, VOCABULARY, render, sample_scene
+from toyworld.world import IMAGE_SIZE, RARE_TOKENS, VOCABULARY, caption, render, sample_scene
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "models" / "toyworld-base"
@@ -105,3 +107,28 @@ def test_train_base_is_reproducible_and_saves_a_loadable_pipeline(tmp_path):
     assert loaded.vae.config.scaling_factor == pytest.approx(
         json.loads((tmp_path / "a" / "vae" / "config.json").read_text())["scaling_factor"])
     assert np.isfinite(first["final_loss"])
+
+
+def test_colour_accuracy_is_one_on_rendered_images_and_reads_patterns():
+    scenes = held_out_scenes(40, seed=5)
+    prompts = held_out_prompts(40, seed=5)
+    assert [caption(s) for s in scenes] == prompts
+    images = [render(scene).image for scene in scenes]
+    accuracy = colour_accuracy(images, prompts)
+    assert accuracy == {"background": 1.0, "object_colour": 1.0, "both_colours": 1.0,
+                        "position": 1.0, "shape": 1.0, "pattern": 1.0, "images": 40}
+    shuffled = colour_accuracy(images[1:] + images[:1], prompts)  # each image a wrong prompt
+    assert shuffled["both_colours"] == 0.0
+    assert shuffled["pattern"] < 0.8 and shuffled["position"] < 0.5
+
+
+def test_build_unet_puts_cross_attention_on_the_coarsest_levels():
+    unet = build_unet((16, 32, 64, 64, 64), attention_levels=4)
+    kinds = [type(block).__name__ for block in unet.down_blocks]
+    assert kinds == ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 4
+    assert unet(torch.randn(1, 4, IMAGE_SIZE, IMAGE_SIZE), 10,
+                encoder_hidden_states=torch.randn(1, 24, 64)).sample.shape == (1, 4, 32, 32)
+    with pytest.raises(ValueError, match="attention_levels"):
+        build_unet((16, 32, 64, 64), attention_levels=5)
+    with pytest.raises(ValueError, match="divisible"):
+        build_unet((16,) * 7, attention_levels=2)
