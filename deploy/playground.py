@@ -1,11 +1,11 @@
 """The playground page at `/`: pick a subject, type a prompt, see the images.
 
-Picking a subject shows, next to the prompt, what it is (token, class noun, training)
+Picking a subject shows, next to the prompt, what it is (token, class noun, training),
 its training photos (thumbnails, GET /v1/subjects/{id}/photos/{n}) and the sample
-images the pipeline made after training it (GET /v1/subjects/{id}/samples/{n}). Strength slider (0: the
-untuned base, 1: the subject), several images at once, and the facts of the batch each
-answer rode in (images, distinct subjects, replica, scale set loaded or cached), kept
-as a list of answers.
+images the pipeline made after training it (GET /v1/subjects/{id}/samples/{n}).
+Strength slider (0: the untuned base, 1: the subject), several images at once, and
+the facts of the batch each answer rode in (images, distinct subjects, replica, scale
+set loaded or cached), kept as a list of answers.
 
 One self-contained HTML page (no external scripts, styles or fonts: it works on a
 machine without internet), talking to the JSON API with fetch(). The server fills in
