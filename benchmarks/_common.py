@@ -65,6 +65,16 @@ def build_sd15_unet(seed: int = 0) -> torch.nn.Module:
     return unet
 
 
+def add_lora(unet: torch.nn.Module, rank: int = 4) -> None:
+    """The LoRA baseline: freeze the UNet and add rank-`rank` adapters to the attention
+    projections (the DreamBooth-LoRA recipe's targets), trainable."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+
+
 def tensor_bytes(tensors) -> int:
     """Total storage of an iterable of tensors, in bytes."""
     return sum(t.numel() * t.element_size() for t in tensors)

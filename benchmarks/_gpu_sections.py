@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import SD15_UNET_CONFIG
+from _common import SD15_UNET_CONFIG, add_lora
 from _speed import (
     REDUCED_SD_CONFIG,
     Variant,
@@ -77,17 +77,7 @@ def training_model(method: str, s: Settings):
     unet = build_unet(s.reduced)
     config = QuantConfig.peqa(bits=4) if method == "peqa" else QuantConfig(bits=4, num_experts=4)
     if method == "lora":
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(
-                r=4,
-                lora_alpha=4,
-                init_lora_weights="gaussian",
-                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-            )
-        )
+        add_lora(unet)
     elif method in ("peqa", "tuneqdm"):
         quantize_(unet, config)
         enable_timestep_experts(unet)

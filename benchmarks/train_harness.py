@@ -11,6 +11,7 @@ import statistics
 import time
 
 from _common import (
+    add_lora,
     build_sd15_unet,
     markdown_table,
     peak_rss_bytes,
@@ -38,17 +39,7 @@ def setup_method(method: str, bits: int):
     if method == "full":
         return unet, [p for p in unet.parameters() if p.requires_grad]
     if method == "lora":
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(
-                r=4,
-                lora_alpha=4,
-                init_lora_weights="gaussian",
-                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-            )
-        )
+        add_lora(unet)
         return unet, [p for p in unet.parameters() if p.requires_grad]
     from tuneqdm import QuantConfig, quantize_
 
