@@ -124,94 +124,59 @@ def mb(value) -> str:
 
 
 def markdown(results: dict) -> str:
-    s, lines = results["settings"], []
-    lines.append(f"# GPU check ({'CPU, reduced sizes' if s['reduced'] else s['device']})\n")
-    lines.append(f"Machine: {results['machine']}\n")
+    """results.md: the machine, the CUDA tests, then one table per section."""
+    s = results["settings"]
+    lines = [f"# GPU check ({'CPU, reduced sizes' if s['reduced'] else s['device']})\n",
+             f"Machine: {results['machine']}\n"]
     tests = results["cuda_tests"]
     lines.append(f"CUDA tests: {tests.get('summary') or tests.get('status')}\n")
-    full = next((r for r in results["training"] if r["method"] == "full"), None)
-    rows = [
-        {
-            "method": r["label"],
-            "trainable": f"{r['trainable']:,}",
-            "step": f"{r['median_step_s']:.3f}",
-            "peak": mb(r["peak_gpu_bytes"]),
-            "resident": mb(r["resident_gpu_bytes"]),
-            "vs_full": f"{r['median_step_s'] / full['median_step_s']:.2f}" if full else "",
-            "mem_vs_full": (
-                f"{r['peak_gpu_bytes'] / full['peak_gpu_bytes']:.3f}"
-                if full and r["peak_gpu_bytes"]
-                else ""
-            ),
-        }
-        for r in results["training"]
-    ]
-    lines.append(f"## Training, latents {s['latent']} x {s['latent']}, {s['dtype']}\n")
-    precision = (
-        "float32 throughout"
-        if s["dtype"] == "float32"
-        else (
-            f"frozen tensors {s['dtype']}, trainable ones float32, forward under {s['dtype']} "
-            "autocast"
-        )
-    )
-    lines.append(f"{precision}; {s['train_steps']} steps after 1 warm-up, batch 1.\n")
-    lines.append(
-        markdown_table(
-            rows,
-            [
-                ("method", "method"),
-                ("trainable", "trainable numbers"),
-                ("step", "median s/step"),
-                ("vs_full", "step vs full"),
-                ("peak", "peak GPU MB"),
-                ("mem_vs_full", "memory vs full"),
-                ("resident", "model resident MB"),
-            ],
-        )
-    )
+    lines += _training_md(results["training"], s)
     if "generation" in results:
-        rows = [
-            {
-                "batch": r["batch"],
-                "method": r["name"],
-                "median": f"{r['median_s']:.3f}",
-                "ratio": f"{r['ratio']:.3f}",
-                "peak": mb(r.get("peak_gpu_bytes")),
-                "cache": mb(r.get("cache_bytes")),
-            }
-            for r in results["generation"]
-        ]
-        lines.append(f"\n## Generation, {8 * s['latent']} px, {s['denoise_steps']} steps\n")
-        lines.append(
-            markdown_table(
-                rows,
-                [
-                    ("batch", "images"),
-                    ("method", "UNet"),
-                    ("median", "median s"),
-                    ("ratio", "ratio to float"),
-                    ("peak", "peak GPU MB"),
-                    ("cache", "cache MB"),
-                ],
-            )
-        )
+        lines += _generation_md(results["generation"], s)
     if "mixed_batch" in results:
-        mixed = results["mixed_batch"]
-        rows = [
-            {"case": r["name"], "median": f"{r['median_s']:.3f}", "ratio": f"{r['ratio']:.3f}"}
-            for r in mixed["rows"]
-        ]
-        lines.append(f"\n## Mixed-subject batch ({mixed['subjects']} subjects, toy base)\n")
-        lines.append(
-            markdown_table(
-                rows, [("case", "batch"), ("median", "median s"), ("ratio", "ratio to one subject")]
-            )
-        )
-        lines.append(f"\nprompt 0 max pixel difference: {mixed['prompt0_max_pixel_diff']}")
+        lines += _mixed_md(results["mixed_batch"])
     if results["skipped"]:
         lines.append("\nSkipped: " + "; ".join(results["skipped"]))
     return "\n".join(lines) + "\n"
+
+
+def _training_md(training: list[dict], s: dict) -> list[str]:
+    full = next((r for r in training if r["method"] == "full"), None)
+    rows = [{"method": r["label"], "trainable": f"{r['trainable']:,}",
+             "step": f"{r['median_step_s']:.3f}", "peak": mb(r["peak_gpu_bytes"]),
+             "resident": mb(r["resident_gpu_bytes"]),
+             "vs_full": f"{r['median_step_s'] / full['median_step_s']:.2f}" if full else "",
+             "mem_vs_full": (f"{r['peak_gpu_bytes'] / full['peak_gpu_bytes']:.3f}"
+                             if full and r["peak_gpu_bytes"] else "")}
+            for r in training]
+    precision = ("float32 throughout" if s["dtype"] == "float32" else
+                 f"frozen tensors {s['dtype']}, trainable ones float32, forward under "
+                 f"{s['dtype']} autocast")
+    return [f"## Training, latents {s['latent']} x {s['latent']}, {s['dtype']}\n",
+            f"{precision}; {s['train_steps']} steps after 1 warm-up, batch 1.\n",
+            markdown_table(rows, [("method", "method"), ("trainable", "trainable numbers"),
+                                  ("step", "median s/step"), ("vs_full", "step vs full"),
+                                  ("peak", "peak GPU MB"), ("mem_vs_full", "memory vs full"),
+                                  ("resident", "model resident MB")])]
+
+
+def _generation_md(generation: list[dict], s: dict) -> list[str]:
+    rows = [{"batch": r["batch"], "method": r["name"], "median": f"{r['median_s']:.3f}",
+             "ratio": f"{r['ratio']:.3f}", "peak": mb(r.get("peak_gpu_bytes")),
+             "cache": mb(r.get("cache_bytes"))} for r in generation]
+    return [f"\n## Generation, {8 * s['latent']} px, {s['denoise_steps']} steps\n",
+            markdown_table(rows, [("batch", "images"), ("method", "UNet"),
+                                  ("median", "median s"), ("ratio", "ratio to float"),
+                                  ("peak", "peak GPU MB"), ("cache", "cache MB")])]
+
+
+def _mixed_md(mixed: dict) -> list[str]:
+    rows = [{"case": r["name"], "median": f"{r['median_s']:.3f}", "ratio": f"{r['ratio']:.3f}"}
+            for r in mixed["rows"]]
+    return [f"\n## Mixed-subject batch ({mixed['subjects']} subjects, toy base)\n",
+            markdown_table(rows, [("case", "batch"), ("median", "median s"),
+                                  ("ratio", "ratio to one subject")]),
+            f"\nprompt 0 max pixel difference: {mixed['prompt0_max_pixel_diff']}"]
 
 
 def machine() -> str:
