@@ -196,8 +196,8 @@ def test_s3_output_and_s3_images_against_moto(ray_session, tiny_base_model, s3_s
     summary = storage.read_json("summary.json")
     assert summary["counts"] == {"total": 2, "done": 2}
     assert storage.list_dir("subjects") == ["cat", "dog"]
-    assert storage.list_dir("subjects/dog") == ["done.json", "meta.json", "samples",
-                                                "scales.safetensors"]
+    assert storage.list_dir("subjects/dog") == ["done.json", "meta.json", "photos",
+                                                "samples", "scales.safetensors"]
     base_dir = tmp_path / "base-copy"
     storage.download_dir(f"bases/{summary['base']['address']}", base_dir)
     _load_checked(base_dir, {s: storage.read_bytes(f"subjects/{s}/scales.safetensors")
