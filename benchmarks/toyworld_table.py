@@ -4,11 +4,12 @@ Every method x subject x seed is one run: fine-tune the toy base on the subject,
 generate and score its evaluation prompts. Runs go to worker processes (one torch
 thread each: small UNet ops scale badly across threads). Peak training memory is
 measured separately, one fresh process per method. Writes a markdown table (mean and
-standard deviation over seeds of the per-seed means over subjects), an image grid
-(rows: methods, columns: prompts; the top row is the renderer's ground truth) and JSON.
+95% intervals over subjects, toyworld/stats.py), the paper's claims as paired tests,
+an image grid (rows: methods, columns: prompts; the top row is the renderer's ground
+truth) and JSON.
 
-    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py            # full, <= 40 min
-    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py --quick    # <= 5 min
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py            # 8 subjects x 3 seeds, ~1 h
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py --quick    # < 5 min
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from benchmarks._common import (
     write_json,
 )
 from toyworld.compare import CompareConfig, Method, paper_methods
+from toyworld.stats import mean_ci, paired_test
 from toyworld.subjects import SUBJECTS, get_subject
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = ROOT / "models" / "toyworld-base"
-QUICK_METHODS = [Method("none"), Method("full"), Method("lora"), Method("peqa", 4),
+QUICK_METHODS = [Method("none"), Method("full"), Method("peqa", 4), Method("tuneqdm", 4, 1),
                  Method("tuneqdm", 4, 4)]
 
 _WORKER: dict = {}
@@ -133,32 +135,19 @@ def measure_memory(base: Path, methods: list[Method], steps: int) -> dict[str, d
 # -- tables and grid ------------------------------------------------------------------
 
 
-def _mean_std(values: list[float], digits: int = 3) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def summarise(rows: list[dict], methods: list[Method], memory: dict[str, dict]) -> list[dict]:
-    """One row per method: per seed, the mean over subjects; then mean ± std over seeds."""
+    """One row per method: means over its runs (subjects x seeds); the two fidelities
+    with their 95% cluster-bootstrap intervals over subjects (toyworld/stats.py)."""
     table = []
     for method in methods:
         mine = [r for r in rows if r["method"] == method.key]
-        seeds = sorted({r["seed"] for r in mine})
-
-        def per_seed(field: str, mine=mine, seeds=seeds) -> list[float]:
-            return [statistics.mean(r[field] for r in mine if r["seed"] == s) for s in seeds]
-
         peak = memory.get(method.key, {}).get("peak_train_bytes")
         table.append({
             "method": method.label,
-            "subject": _mean_std(per_seed("subject_fidelity")),
-            "colour": _mean_std(per_seed("subject_colour"), 2),
-            "shape": _mean_std(per_seed("subject_shape"), 2),
-            "pattern": _mean_std(per_seed("subject_pattern"), 2),
-            "prompt": _mean_std(per_seed("prompt_fidelity")),
-            "background": _mean_std(per_seed("background"), 2),
-            "position": _mean_std(per_seed("position"), 2),
+            "subject": mean_ci(mine, "subject_fidelity").text(),
+            **{key: f"{mean_ci(mine, field).mean:.2f}" for key, field in PARTS},
+            "prompt": mean_ci(mine, "prompt_fidelity").text(),
+            "runs": str(len(mine)),
             "trainable": f"{mine[0]['trainable']:,}",
             "bytes": f"{mine[0]['personal_bytes']:,}",
             "peak": "-" if peak is None else f"{peak / 2**20:.1f}",
@@ -167,9 +156,57 @@ def summarise(rows: list[dict], methods: list[Method], memory: dict[str, dict]) 
     return table
 
 
-COLUMNS = [("method", "method"), ("subject", "subject fidelity"), ("colour", "colour"),
-           ("shape", "shape"), ("pattern", "pattern"), ("prompt", "prompt fidelity"),
-           ("background", "background"), ("position", "position"),
+PARTS = [("colour", "subject_colour"), ("shape", "subject_shape"),
+         ("pattern", "subject_pattern"), ("background", "background"),
+         ("position", "position")]
+
+
+def paper_claims(methods: list[Method]) -> list[tuple[str, Method, Method, float]]:
+    """The paper's claims that `methods` can test: (claim, a, b, margin) for "a beats
+    (1 - margin) x b" on subject fidelity."""
+    have = set(methods)
+    bits = sorted({m.bits for m in methods if m.name == "tuneqdm"}, reverse=True)
+    experts = max((m.num_experts for m in methods if m.name == "tuneqdm"), default=1)
+    claims = []
+    for b in bits:
+        claims.append((f"TuneQDM N={experts} > PEQA at W{b}", Method("tuneqdm", b, experts),
+                       Method("peqa", b), 0.0))
+    for b in bits:
+        claims.append((f"N={experts} > N=1 at W{b}", Method("tuneqdm", b, experts),
+                       Method("tuneqdm", b, 1), 0.0))
+    for recipe in ("fast", "paper"):
+        for b in bits:
+            claims.append((f"TuneQDM N={experts} W{b} >= 95% of full fine-tuning ({recipe})",
+                           Method("tuneqdm", b, experts, recipe), Method("full", recipe=recipe),
+                           0.05))
+    return [c for c in claims if c[1] in have and c[2] in have and c[1] != c[2]]
+
+
+def check_claims(rows: list[dict], methods: list[Method]) -> list[dict]:
+    """Each claim's paired test on subject fidelity (pairs: subject x seed)."""
+    out = []
+    for claim, a, b, margin in paper_claims(methods):
+        result = paired_test([r for r in rows if r["method"] == a.key],
+                             [r for r in rows if r["method"] == b.key],
+                             "subject_fidelity", margin)
+        verdict = "holds" if result.holds else "not shown"
+        if result.subjects < 6:
+            verdict += f" (only {result.subjects} subjects: p >= {2.0 ** -result.subjects:.3f})"
+        out.append({"claim": claim, "difference": result.difference.text(),
+                    "wins": f"{result.wins}/{result.pairs}", "p": f"{result.p_value:.4f}",
+                    "verdict": verdict})
+    return out
+
+
+CLAIM_COLUMNS = [("claim", "claim"), ("difference", "a - (1 - margin) b [95% CI]"),
+                 ("wins", "pairs won"), ("p", "p (one-sided, sign-flip over subjects)"),
+                 ("verdict", "at 5%")]
+
+
+COLUMNS = [("method", "method"), ("subject", "subject fidelity [95% CI]"),
+           ("colour", "colour"), ("shape", "shape"), ("pattern", "pattern"),
+           ("prompt", "prompt fidelity [95% CI]"), ("background", "background"),
+           ("position", "position"), ("runs", "runs"),
            ("trainable", "trainable numbers"), ("bytes", "per-subject bytes"),
            ("peak", "peak training MiB"), ("train_s", "train s")]
 
@@ -206,10 +243,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
     parser.add_argument("--quick", action="store_true",
-                        help="2 subjects, 1 seed, 5 methods at 4 bits, 60 steps (<= 5 min)")
+                        help="2 subjects, 1 seed, 5 methods at 4 bits, 60 steps (< 5 min)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--subjects", nargs="+", default=[s.subject_id for s in SUBJECTS[:4]],
-                        help="default: the first 4 (all 8 take about 1 hour)")
+    parser.add_argument("--subjects", nargs="+", default=[s.subject_id for s in SUBJECTS],
+                        help="default: all 8")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=10)
@@ -242,8 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     grid_s = time.perf_counter() - start
     memory = {} if args.no_memory else measure_memory(args.base, methods, args.memory_steps)
     table = markdown_table(summarise(rows, methods, memory), COLUMNS)
+    claims = markdown_table(check_claims(rows, methods), CLAIM_COLUMNS)
     total_s = time.perf_counter() - start
-    print(table)
+    print(table, claims, sep="\n\n")
     print(f"{len(rows)} runs in {grid_s:.0f} s; total {total_s:.0f} s")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         args.markdown.write_text(
             f"Made by `HF_HUB_OFFLINE=1 {command}` in {total_s / 60:.1f} min "
             f"({len(rows)} runs, {args.workers} workers): subjects {', '.join(args.subjects)}; "
-            f"seeds {', '.join(map(str, args.seeds))}; {config.to_dict()}.\n\n{table}\n")
+            f"seeds {', '.join(map(str, args.seeds))}; {config.to_dict()}.\n\n{table}\n\n"
+            f"The paper's claims on subject fidelity, runs paired by (subject, seed):\n\n"
+            f"{claims}\n")
         print(f"wrote {args.markdown}")
     if args.grid:
         write_grid(args.grid, rows, methods, args.subjects)

@@ -40,13 +40,21 @@ SCALE_METHODS = ("peqa", "tuneqdm")
 FLOAT_METHODS = ("full", "lora")
 
 
+RECIPES = ("fast", "paper")
+
+
 @dataclass(frozen=True)
 class Method:
-    """name: "none", "full", "lora", "peqa" or "tuneqdm"; bits None = float UNet."""
+    """name: "none", "full", "lora", "peqa" or "tuneqdm"; bits None = float UNet.
+
+    recipe: "fast" (CompareConfig.steps x batch_size, the base's recipe) or "paper"
+    (the paper's 400 steps of batch 1, CompareConfig.paper_steps x paper_batch_size).
+    """
 
     name: str
     bits: int | None = None
     num_experts: int = 1
+    recipe: str = "fast"
 
     def __post_init__(self) -> None:
         allowed = ("none", *FLOAT_METHODS, *SCALE_METHODS)
@@ -56,9 +64,16 @@ class Method:
             raise ValueError(f"method {self.name!r} needs bits")
         if self.name in FLOAT_METHODS and self.bits is not None:
             raise ValueError(f"method {self.name!r} trains a float UNet: bits must be None")
+        if self.recipe not in RECIPES or (self.name == "none" and self.recipe != "fast"):
+            raise ValueError(f"Method.recipe={self.recipe!r}; allowed: {', '.join(RECIPES)} "
+                             "(fast only for no fine-tuning)")
 
     @property
     def label(self) -> str:
+        return self._name_label + (" (paper: 400 x 1)" if self.recipe == "paper" else "")
+
+    @property
+    def _name_label(self) -> str:
         if self.name == "none":
             return "no fine-tuning" + ("" if self.bits is None else f" (W{self.bits})")
         if self.name == "full":
@@ -72,23 +87,27 @@ class Method:
     @property
     def key(self) -> str:
         bits = "fp32" if self.bits is None else f"w{self.bits}"
-        return f"{self.name}-n{self.num_experts}-{bits}"
+        recipe = "" if self.recipe == "fast" else f"-{self.recipe}"
+        return f"{self.name}-n{self.num_experts}-{bits}{recipe}"
 
     @classmethod
     def from_key(cls, key: str) -> Method:
-        name, experts, bits = key.split("-")
-        return cls(name, None if bits == "fp32" else int(bits[1:]), int(experts[1:]))
+        name, experts, bits, *recipe = key.split("-")
+        return cls(name, None if bits == "fp32" else int(bits[1:]), int(experts[1:]),
+                   *recipe)
 
 
 def paper_methods(bits: tuple[int, ...] = (8, 4, 3),
-                  experts: tuple[int, ...] = (1, 2, 4)) -> list[Method]:
-    """The table's rows, in order."""
+                  experts: tuple[int, ...] = (1, 4)) -> list[Method]:
+    """The table's rows, in order: the fast recipe, then the paper's recipe (400 steps
+    of batch 1) for full fine-tuning and TuneQDM at 4 bits with the most experts."""
     rows = [Method("none"), *(Method("none", b) for b in bits),
             Method("full"), Method("lora")]
     for b in bits:
         rows.append(Method("peqa", b))
         rows += [Method("tuneqdm", b, n) for n in experts]
-    return rows
+    return [*rows, Method("full", recipe="paper"),
+            Method("tuneqdm", 4, max(experts), recipe="paper")]
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,8 @@ class CompareConfig:
     images_per_prompt: int = 2
     inference_steps: int = 20
     guidance_scale: float = 4.0
+    paper_steps: int = 400  # the paper's recipe (Method.recipe == "paper")
+    paper_batch_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,6 +173,8 @@ def train_config(method: Method, unet: torch.nn.Module, config: CompareConfig, s
     from tuneqdm.train import TrainConfig, mean_scale0
 
     common = {"steps": config.steps, "batch_size": config.batch_size, "seed": seed}
+    if method.recipe == "paper":
+        common.update(steps=config.paper_steps, batch_size=config.paper_batch_size)
     if method.name == "full":
         return TrainConfig(method="full", lr=config.lr_full, **common)
     if method.name == "lora":

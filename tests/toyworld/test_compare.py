@@ -27,15 +27,31 @@ def test_paper_methods_are_the_tables_rows():
     labels = [m.label for m in methods]
     assert labels[:6] == ["no fine-tuning", "no fine-tuning (W8)", "no fine-tuning (W4)",
                           "no fine-tuning (W3)", "full-precision DreamBooth", "LoRA r=4"]
-    assert labels[6:10] == ["PEQA W8", "TuneQDM N=1 W8", "TuneQDM N=2 W8", "TuneQDM N=4 W8"]
-    assert len(methods) == 6 + 3 * 4
+    assert labels[6:9] == ["PEQA W8", "TuneQDM N=1 W8", "TuneQDM N=4 W8"]
+    assert labels[-2:] == ["full-precision DreamBooth (paper: 400 x 1)",
+                           "TuneQDM N=4 W4 (paper: 400 x 1)"]
+    assert len(methods) == 6 + 3 * 3 + 2
     assert all(Method.from_key(m.key) == m for m in methods)
+    assert Method.from_key("tuneqdm-n4-w4-paper") == Method("tuneqdm", 4, 4, "paper")
+
+
+def test_the_paper_recipe_trains_400_steps_of_batch_1(pipe):
+    from toyworld.compare import train_config
+
+    unet = method_unet(pipe.unet, Method("tuneqdm", 4, 4))
+    fast = train_config(Method("tuneqdm", 4, 4), unet, CompareConfig(), seed=3)
+    paper = train_config(Method("tuneqdm", 4, 4, "paper"), unet, CompareConfig(), seed=3)
+    assert (fast.steps, fast.batch_size) == (120, 4)
+    assert (paper.steps, paper.batch_size, paper.seed) == (400, 1, 3)
+    assert paper.lr_scale_out == fast.lr_scale_out
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"name": "qlora"}, "allowed: none, full, lora, peqa, tuneqdm"),
     ({"name": "peqa"}, "needs bits"),
     ({"name": "lora", "bits": 4}, "bits must be None"),
+    ({"name": "full", "recipe": "slow"}, "allowed: fast, paper"),
+    ({"name": "none", "recipe": "paper"}, "fast only for no fine-tuning"),
 ])
 def test_method_refuses_what_it_cannot_run(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -80,7 +96,7 @@ def _benchmark_module():
     return module
 
 
-def test_table_is_mean_and_std_over_seeds_of_subject_means():
+def test_table_is_the_mean_over_runs_with_an_interval_over_subjects():
     bench = _benchmark_module()
     method = Method("peqa", 4)
     rows = [{"method": method.key, "seed": seed, "subject": subject, "subject_fidelity": value,
@@ -90,7 +106,29 @@ def test_table_is_mean_and_std_over_seeds_of_subject_means():
             for seed, values in ((0, (0.2, 0.4)), (1, (0.6, 0.8)))
             for subject, value in zip(("a", "b"), values, strict=True)]
     table = bench.summarise(rows, [method], {method.key: {"peak_train_bytes": 3 * 2**20}})
-    # per-seed means 0.3 and 0.7: mean 0.5, sample std 0.283
-    assert table[0]["subject"] == "0.500 ± 0.283"
-    assert table[0]["shape"] == "1.00 ± 0.00"
+    # subject means 0.4 (a) and 0.6 (b): resampling two subjects gives 0.4, 0.5 or 0.6
+    assert table[0]["subject"] == "0.500 [0.400, 0.600]"
+    assert table[0]["prompt"] == "0.500 [0.500, 0.500]"
+    assert table[0]["shape"] == "1.00" and table[0]["runs"] == "4"
     assert table[0]["bytes"] == "1,234" and table[0]["peak"] == "3.0"
+
+
+def test_claims_are_paired_tests_over_subjects():
+    bench = _benchmark_module()
+    methods = [Method("full"), Method("peqa", 4), Method("tuneqdm", 4, 1),
+               Method("tuneqdm", 4, 4)]
+    value = {"full-n1-fp32": 0.80, "peqa-n1-w4": 0.50, "tuneqdm-n1-w4": 0.78,
+             "tuneqdm-n4-w4": 0.78}
+    rows = [{"method": key, "subject": f"s{i}", "seed": seed,
+             "subject_fidelity": v + 0.01 * i + 0.001 * seed}
+            for key, v in value.items() for i in range(8) for seed in range(3)]
+    claims = {c["claim"]: c for c in bench.check_claims(rows, methods)}
+    assert set(claims) == {"TuneQDM N=4 > PEQA at W4", "N=4 > N=1 at W4",
+                           "TuneQDM N=4 W4 >= 95% of full fine-tuning (fast)"}
+    beats = claims["TuneQDM N=4 > PEQA at W4"]
+    assert beats["wins"] == "24/24" and beats["p"] == f"{1 / 256:.4f}"
+    assert beats["verdict"] == "holds"
+    tie = claims["N=4 > N=1 at W4"]  # equal runs: no evidence either way
+    assert tie["wins"] == "0/24" and tie["p"] == "1.0000" and tie["verdict"] == "not shown"
+    # 0.78 against 0.95 x 0.80 = 0.76 in every pair: within the 5% margin
+    assert claims["TuneQDM N=4 W4 >= 95% of full fine-tuning (fast)"]["verdict"] == "holds"
