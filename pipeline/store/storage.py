@@ -202,6 +202,21 @@ class Storage:
             raise StorageError(f"cannot write {self.uri(rel)}: {err}") from err
         return self.uri(rel)
 
+    def write_files(self, files: dict[str, bytes]) -> None:
+        """Write several files, each atomically, in no particular order: on S3 as
+        concurrent PUTs (fsspec's batched `pipe`), one round trip's latency instead of
+        one per file. A completion marker is written after this returns, never in it."""
+        if not self.remote:
+            for rel, data in files.items():
+                self.write_bytes(rel, data)
+            return
+        paths = {self._path(rel): data for rel, data in files.items()}
+        try:
+            self.fs.pipe(paths)
+        except Exception as err:
+            raise StorageError(f"cannot write {len(files)} files under {self.root}: "
+                               f"{err}") from err
+
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n")
                                 .encode())

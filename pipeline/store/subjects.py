@@ -77,19 +77,14 @@ def write_subject(storage: Storage, subject_id: str, scales: bytes,
     if meta.subject_id != subject_id:
         raise ValueError(f"meta.json of {subject_id!r} names subject {meta.subject_id!r}")
     storage.remove(subject_rel(subject_id, DONE))  # from now on the folder is unfinished
-    files: dict[str, str] = {}
-    for index, png in enumerate(samples):
-        storage.write_bytes(subject_rel(subject_id, sample_name(index)), png)
-        files[sample_name(index)] = sha256_hex(png)
-    for index, png in enumerate(photos):  # thumbnails of the training photos
-        storage.write_bytes(subject_rel(subject_id, photo_name(index)), png)
-        files[photo_name(index)] = sha256_hex(png)
-    storage.write_bytes(subject_rel(subject_id, SCALES), scales)
-    files[SCALES] = sha256_hex(scales)
     meta_bytes = (json.dumps(meta.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
                   ).encode()
-    storage.write_bytes(subject_rel(subject_id, META), meta_bytes)
-    files[META] = sha256_hex(meta_bytes)
+    contents = {**{sample_name(i): png for i, png in enumerate(samples)},
+                **{photo_name(i): png for i, png in enumerate(photos)},  # thumbnails
+                SCALES: scales, META: meta_bytes}
+    storage.write_files({subject_rel(subject_id, name): data
+                         for name, data in contents.items()})
+    files = {name: sha256_hex(data) for name, data in contents.items()}
     storage.write_json(subject_rel(subject_id, DONE), {"status": "done", "files": files})
     return storage.uri(subject_rel(subject_id))
 

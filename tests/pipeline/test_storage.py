@@ -132,6 +132,33 @@ def any_storage(request, tmp_path):
     return Storage(f"s3://{bucket}/out", options)
 
 
+def test_write_files_writes_each_file_and_puts_them_concurrently(any_storage):
+    files = {f"subjects/dog/photos/{i:02d}.png": os.urandom(1000 + i) for i in range(4)}
+    files["subjects/dog/meta.json"] = b"{}"
+    flight = {"now": 0, "most": 0, "puts": 0}
+    if any_storage.remote:
+        original = any_storage.fs._call_s3
+
+        async def recording(method, *args, **kwargs):
+            flight["now"] += 1
+            flight["most"] = max(flight["most"], flight["now"])
+            flight["puts"] += method == "put_object"
+            try:
+                return await original(method, *args, **kwargs)
+            finally:
+                flight["now"] -= 1
+
+        any_storage.fs._call_s3 = recording
+    any_storage.write_files(files)
+    if any_storage.remote:
+        any_storage.fs._call_s3 = original
+        assert flight["puts"] == 5 and flight["most"] >= 2  # one batch, not 5 round trips
+    assert {rel: any_storage.read_bytes(rel) for rel in files} == files
+    assert any_storage.list_dir("subjects/dog") == ["meta.json", "photos"]
+    with pytest.raises(ValueError):
+        any_storage.write_files({"../escape": b"x"})
+
+
 def test_finished_subject_verifies_and_every_defect_is_caught(any_storage):
     storage = any_storage
     fp = "f" * 64
