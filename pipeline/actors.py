@@ -22,6 +22,11 @@ from .store import Storage, local_base_path
 from .worker import WorkSettings, failed, train_job
 
 PROGRESS_INTERVAL_S = 0.5
+# Calls a FineTuner runs at once: the job holding the model, and up to two queued
+# behind it (scheduler.ActorPool's short jobs: queue_depth = CALLS_PER_ACTOR - 1), so
+# one reads its photos while another writes its files and the model never waits on
+# either (docs/pipeline.md, "Scale").
+CALLS_PER_ACTOR = 3
 # Test hook: "subject_id:seconds[,subject_id:seconds]" makes the FineTuner sleep that
 # long before training a job holding that subject (a hung actor, for --subject-timeout).
 TEST_HANG_ENV = "TUNEQDM_TEST_HANG"
@@ -41,6 +46,46 @@ def hook_hang_seconds(job: Job, environ: dict[str, str] | None = None) -> float:
         if subject in job.subject_ids:
             total += value
     return total
+
+
+class TurnLock:
+    """A lock taken in arrival order: each call draws a ticket when it arrives and holds
+    the lock on its turn, so jobs use the model in the order the driver queued them
+    (what the pool's deadlines assume); a call that ends without taking the lock (it
+    failed reading its photos) gives up its turn with `leave`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0  # the next ticket to draw
+        self._turn = 0  # the ticket whose turn it is
+        self._gone: set[int] = set()  # tickets that left before their turn came
+
+    def draw(self) -> int:
+        with self._cond:
+            self._next += 1
+            return self._next - 1
+
+    @contextlib.contextmanager
+    def turn(self, ticket: int, hold_s: float = 0.0):
+        """Hold the lock on `ticket`'s turn (first sleeping `hold_s`: the hang hook)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == ticket)
+        try:
+            time.sleep(hold_s)
+            yield
+        finally:
+            self.leave(ticket)
+
+    def leave(self, ticket: int) -> None:
+        """`ticket` is done with the lock (or never needed it); idempotent."""
+        with self._cond:
+            if ticket < self._turn:
+                return
+            self._gone.add(ticket)
+            while self._turn in self._gone:
+                self._gone.discard(self._turn)
+                self._turn += 1
+            self._cond.notify_all()
 
 
 class FineTuner:
@@ -70,10 +115,10 @@ class FineTuner:
         self.load_seconds = time.perf_counter() - start
         self.jobs_done = 0
         self.metrics = _Metrics(name)
-        # the pipeline is used by one job at a time; a job queued behind it (the pool's
-        # short jobs, two calls at once: finetuner_actor) reads its photos and the
-        # previous one writes its files meanwhile
-        self.model_lock = threading.Lock()
+        # the pipeline is used by one job at a time, in the order the jobs arrived; jobs
+        # queued behind it (the pool's short jobs: CALLS_PER_ACTOR) read their photos
+        # and the previous one writes its files meanwhile
+        self.model_lock = TurnLock()
 
     def info(self) -> dict[str, Any]:
         import torch
@@ -85,12 +130,19 @@ class FineTuner:
     def train(self, job_data: dict[str, Any], spec_hash: str, attempt: int,
               photos: dict[str, bytes] | None = None) -> dict[str, Any]:
         """Train one job; `photos`: the bytes of its local photos, read by the driver."""
-        job = Job.from_dict(job_data)
+        ticket = self.model_lock.draw()
+        try:
+            return self._train(Job.from_dict(job_data), spec_hash, attempt, photos, ticket)
+        finally:
+            self.model_lock.leave(ticket)
+
+    def _train(self, job: Job, spec_hash: str, attempt: int,
+               photos: dict[str, bytes] | None, ticket: int) -> dict[str, Any]:
         total = int({**self.settings.train, **job.overrides}.get("steps", 0))
         state = {"last": 0.0, "start": time.perf_counter()}
         self._report(job, 0, total, None)
-        with self.model_lock:  # a hung actor: nothing else trains on it either
-            time.sleep(hook_hang_seconds(job))
+        # a hung actor (test hook) sleeps holding the model: nothing else trains on it
+        model_turn = self.model_lock.turn(ticket, hold_s=hook_hang_seconds(job))
 
         def on_step(step: int, loss: float) -> None:
             now = time.perf_counter()
@@ -102,7 +154,7 @@ class FineTuner:
         try:
             result = train_job(self.pipe, job, spec_hash, self.settings, self.storage,
                                on_step=on_step, attempt=attempt, actor=self.name,
-                               photos=photos, model_lock=self.model_lock)
+                               photos=photos, model_lock=model_turn)
         except Exception as err:  # the job's own failure; the actor stays usable
             result = failed(job, f"{type(err).__name__}: {err}", attempt, self.name,
                             time.perf_counter() - state["start"])
@@ -205,9 +257,10 @@ class _Metrics:
 def finetuner_actor():
     import ray
 
-    # two calls at once: the one holding the model and the one queued behind it
-    # (scheduler.ActorPool's short jobs), serialised on FineTuner.model_lock
-    return ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=2)(FineTuner)
+    # the call holding the model and those queued behind it (scheduler.ActorPool's
+    # short jobs), taking FineTuner.model_lock in turn
+    return ray.remote(max_restarts=0, max_task_retries=0,
+                      max_concurrency=CALLS_PER_ACTOR)(FineTuner)
 
 
 def tracker_actor():

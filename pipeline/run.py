@@ -280,7 +280,7 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
               live_progress: bool | None, err: TextIO):
     """The pending jobs on a pool of FineTuner actors, with a live progress line.
     Returns (PoolReport, interrupted)."""
-    from .actors import finetuner_actor, hook_runtime_env, start_tracker
+    from .actors import CALLS_PER_ACTOR, finetuner_actor, hook_runtime_env, start_tracker
     from .scheduler import ActorPool
 
     run_id, storage, spec_hashes = plan.run_id, plan.storage, plan.spec_hashes
@@ -323,7 +323,7 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
                      on_event=_event_sink(photos, display, deadline, tracker, err),
                      on_tick=on_tick, schedule_timeout_s=plan.config.schedule_timeout,
                      subject_timeout=deadline, demand=kind,
-                     prefetch=deadline.is_short)
+                     prefetch=deadline.is_short, queue_depth=CALLS_PER_ACTOR - 1)
     try:
         pool.run(plan.pending)
     except KeyboardInterrupt:

@@ -22,9 +22,9 @@ queued jobs go to live idle actors before any successor is started. Failures:
   queued jobs fail with a reason naming the resources an actor needs and those free.
 
 Short jobs: when `prefetch(job)` says so (the caller's estimate of the job's time is
-short), a live actor that is already running a job gets the next one queued behind it
-in its own mailbox, so it starts the moment the first returns instead of after the
-driver's round trip (collect, dispatch, send: ~0.1-0.2 s, a visible share of a
+short), a live actor that is already running a job gets up to `queue_depth` more
+queued behind it in its own mailbox, so the next starts the moment the first returns
+instead of after the driver's round trip (collect, dispatch, send: ~0.1-0.2 s, a visible share of a
 sub-second job). Only the job at the head of an actor's mailbox is running: its deadline
 counts from when it reached the head; if the actor dies, the queued job goes back to the
 queue without using a try.
@@ -105,7 +105,8 @@ class ActorPool:
     schedule_timeout_s: how long a new actor may take to be scheduled and constructed;
     subject_timeout: seconds one try of a job may take (a number, a function of the
     job, or None for no deadline); demand: the actor's resources, for messages;
-    prefetch: whether a job may be queued behind a running one (short jobs)."""
+    prefetch: whether a job may be queued behind a running one (short jobs);
+    queue_depth: how many may wait behind it on one actor."""
 
     def __init__(self, make_actor: Callable[[str], Any],
                  start: Callable[[Any, Job, int], Any], size: int, name_prefix: str,
@@ -114,7 +115,7 @@ class ActorPool:
                  on_tick: Callable[[], None] | None = None, tick_s: float = 0.5,
                  schedule_timeout_s: float = 600.0, subject_timeout: Timeout = None,
                  ready: Callable[[Any], Any] = _ray_ready, demand: str = "",
-                 prefetch: Prefetch | None = None) -> None:
+                 prefetch: Prefetch | None = None, queue_depth: int = 1) -> None:
         if size < 1:
             raise ValueError(f"actor pool size {size} is invalid: must be >= 1")
         if max_retries < 0:
@@ -134,6 +135,7 @@ class ActorPool:
         self.subject_timeout = subject_timeout
         self.demand = demand
         self.prefetch = prefetch or (lambda job: False)
+        self.queue_depth = queue_depth
         self.slots: list[_Slot] = []
         self.report = PoolReport()
         self._queue: deque[Job] = deque()
@@ -190,10 +192,12 @@ class ActorPool:
         for slot in self.slots:
             if self._queue and self._live(slot) and not slot.calls:
                 self._give(slot, self._queue.popleft())
-        for slot in self.slots:  # short jobs: one more behind a running one
-            if (self._queue and self._live(slot) and len(slot.calls) == 1
-                    and self.prefetch(self._queue[0])):
-                self._give(slot, self._queue.popleft())
+        for _ in range(self.queue_depth):  # short jobs: queued behind a running one,
+            for slot in self.slots:        # one more per actor in each round
+                if (self._queue and self._live(slot) and
+                        1 <= len(slot.calls) <= self.queue_depth and
+                        self.prefetch(self._queue[0])):
+                    self._give(slot, self._queue.popleft())
         starting = sum(1 for slot in self.slots if slot.ready_ref is not None)
         wanted = len(self._queue) - starting
         for slot in self.slots:

@@ -266,3 +266,22 @@ def test_a_job_queued_behind_a_crash_or_a_hang_uses_no_try(ray_session, tmp_path
     assert report.timed_out == {"hang-once-c": 1}
     retries = [e["job"].job_id for e in events if e["event"] == "retry"]
     assert retries == ["crash-once-a", "hang-once-c"]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_queue_depth_is_how_many_short_jobs_wait_behind_a_running_one(ray_session, tmp_path,
+                                                                      depth):
+    """With depth 2 the third job is already in the actor's mailbox before the driver
+    is done with the first; with depth 1 it is handed out only after that."""
+    ray = ray_session
+    events: list[dict] = []
+    ends: dict[str, float] = {}
+    pool = ActorPool(lambda name: _stand_in(ray, str(tmp_path)).options(name=name).remote(name),
+                     lambda actor, job, attempt: actor.run.remote(job.job_id, attempt),
+                     1, "test-pool", on_event=_slow_driver(events, ends, 1.0), tick_s=0.1,
+                     prefetch=lambda job: True, queue_depth=depth)
+    report = pool.run(_jobs("ok-1", "ok-2", "ok-3", "ok-4"))
+    assert report.attempts == dict.fromkeys(("ok-1", "ok-2", "ok-3", "ok-4"), 1)
+    assert (report.results["ok-3"]["began"] < ends["ok-1"]) == (depth == 2)
+    started = [e["job"].job_id for e in events if e["event"] == "started"]
+    assert started == ["ok-1", "ok-2", "ok-3", "ok-4"]
