@@ -243,7 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
     parser.add_argument("--quick", action="store_true",
-                        help="2 subjects, 1 seed, 5 methods at 4 bits, 60 steps (< 5 min)")
+                        help="2 subjects, 1 seed, 5 methods at 4 bits (about 2 min)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--subjects", nargs="+", default=[s.subject_id for s in SUBJECTS],
                         help="default: all 8")
@@ -270,7 +270,6 @@ def main(argv: list[str] | None = None) -> None:
     methods = paper_methods()
     if args.quick:
         methods, args.seeds, args.subjects = QUICK_METHODS, [0], args.subjects[:2]
-        config = replace(config, steps=60)
     if args.steps:
         config = replace(config, steps=args.steps)
     start = time.perf_counter()
