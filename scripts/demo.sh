@@ -11,3 +11,5 @@ export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
 # docs/toyworld.md (120 steps of batch 4, lr_scale_out = 1e-2 x mean s0, guidance 4).
 .venv/bin/tuneqdm-pipeline submit examples/subjects.csv --output outputs/demo "$@"
 .venv/bin/tuneqdm-pipeline status outputs/demo
+# Training photos beside samples, one row per subject (the README's montage)
+.venv/bin/python scripts/demo_montage.py outputs/demo --out outputs/demo-montage.png
