@@ -75,6 +75,7 @@ class _Call:
     job: Job
     attempt: int
     started: float
+    announced: bool = False  # its "started" event was sent
 
 
 @dataclass
@@ -224,8 +225,10 @@ class ActorPool:
             self._announce(self._in_flight[ref])
 
     def _announce(self, call: _Call) -> None:
-        """The call reached the head of its actor's mailbox: it runs from now."""
-        call.started = time.monotonic()
+        """The call reached the head of its actor's mailbox: it runs from now (once)."""
+        if call.announced:
+            return
+        call.started, call.announced = time.monotonic(), True
         self.on_event({"event": "started", "job": call.job, "actor": call.slot.name,
                        "attempt": call.attempt})
 
@@ -305,10 +308,10 @@ class ActorPool:
         except ray.exceptions.RayTaskError as err:
             result = _failed(call.job, call.attempt, slot.name, short_error(err))
         del self._in_flight[ref]
-        was_head = slot.calls[0] == ref  # a queued call may finish first (it failed early)
         slot.calls.remove(ref)
+        self._announce(call)  # a queued call may be collected before the one ahead of it
         self._finish(call.job, call.attempt, slot.name, result)
-        if was_head and slot.calls:
+        if slot.calls:
             self._announce(self._in_flight[slot.calls[0]])
 
     def _check_deadlines(self) -> None:

@@ -206,11 +206,20 @@ class LocalCluster:
     # -- Ray Jobs (drivers run on the head) ----------------------------------------------
 
     def submit_job(self, entrypoint: str, runtime_env: dict | None = None) -> str:
-        """Submit `entrypoint` as a Ray Job on the head; returns the job id."""
+        """Submit `entrypoint` as a Ray Job on the head; returns the job id. Retries
+        for up to a minute while the head answers "No available agent to submit job"
+        (its job agent is still starting: seen on a loaded machine)."""
         from ray.job_submission import JobSubmissionClient
 
         client = JobSubmissionClient(self.dashboard_url)
-        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            except RuntimeError as err:
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2.0)
 
     def wait_job(self, job_id: str, timeout_s: float = 300.0,
                  until: Callable[[str], bool] | None = None) -> tuple[str, str]:

@@ -284,4 +284,5 @@ def test_queue_depth_is_how_many_short_jobs_wait_behind_a_running_one(ray_sessio
     assert report.attempts == dict.fromkeys(("ok-1", "ok-2", "ok-3", "ok-4"), 1)
     assert (report.results["ok-3"]["began"] < ends["ok-1"]) == (depth == 2)
     started = [e["job"].job_id for e in events if e["event"] == "started"]
-    assert started == ["ok-1", "ok-2", "ok-3", "ok-4"]
+    # each announced once (a queued call may be collected before the one ahead of it)
+    assert started[0] == "ok-1" and sorted(started) == ["ok-1", "ok-2", "ok-3", "ok-4"]
