@@ -230,6 +230,15 @@ def _slow_driver(events: list[dict], ends: dict[str, float], pause_s: float):
     return on_event
 
 
+def _slow_driver_pool(ray, tmp_path, events: list[dict], ends: dict[str, float],
+                      **kwargs) -> ActorPool:
+    """One stand-in actor, driven by a driver that takes 1 s over every result."""
+    return ActorPool(lambda name: _stand_in(ray, str(tmp_path)).options(name=name).remote(name),
+                     lambda actor, job, attempt: actor.run.remote(job.job_id, attempt),
+                     1, "test-pool", on_event=_slow_driver(events, ends, 1.0), tick_s=0.1,
+                     **kwargs)
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_short_jobs_are_queued_behind_a_running_one(ray_session, tmp_path, prefetch):
     """With prefetch the actor starts its next job without waiting for the driver: the
@@ -237,10 +246,7 @@ def test_short_jobs_are_queued_behind_a_running_one(ray_session, tmp_path, prefe
     ray = ray_session
     events: list[dict] = []
     ends: dict[str, float] = {}
-    pool = ActorPool(lambda name: _stand_in(ray, str(tmp_path)).options(name=name).remote(name),
-                     lambda actor, job, attempt: actor.run.remote(job.job_id, attempt),
-                     1, "test-pool", on_event=_slow_driver(events, ends, 1.0), tick_s=0.1,
-                     prefetch=lambda job: prefetch)
+    pool = _slow_driver_pool(ray, tmp_path, events, ends, prefetch=lambda job: prefetch)
     report = pool.run(_jobs("ok-1", "ok-2", "ok-3"))
     assert {k: v["status"] for k, v in report.results.items()} == dict.fromkeys(
         ("ok-1", "ok-2", "ok-3"), "done")
@@ -276,10 +282,8 @@ def test_queue_depth_is_how_many_short_jobs_wait_behind_a_running_one(ray_sessio
     ray = ray_session
     events: list[dict] = []
     ends: dict[str, float] = {}
-    pool = ActorPool(lambda name: _stand_in(ray, str(tmp_path)).options(name=name).remote(name),
-                     lambda actor, job, attempt: actor.run.remote(job.job_id, attempt),
-                     1, "test-pool", on_event=_slow_driver(events, ends, 1.0), tick_s=0.1,
-                     prefetch=lambda job: True, queue_depth=depth)
+    pool = _slow_driver_pool(ray, tmp_path, events, ends, prefetch=lambda job: True,
+                             queue_depth=depth)
     report = pool.run(_jobs("ok-1", "ok-2", "ok-3", "ok-4"))
     assert report.attempts == dict.fromkeys(("ok-1", "ok-2", "ok-3", "ok-4"), 1)
     assert (report.results["ok-3"]["began"] < ends["ok-1"]) == (depth == 2)
