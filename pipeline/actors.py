@@ -3,8 +3,9 @@ driver's queue) and ProgressTracker (a tiny shared board of per-job step progres
 
 Both are plain classes made remote by `finetuner_actor()` / `tracker_actor()`, so the
 driver decides names and resources per run (`.options(name=..., num_gpus=...)`).
-Custom metrics (ray.util.metrics) are recorded from the FineTuner: subjects finished
-and failed, training steps, steps per second and the latest loss.
+Custom metrics (ray.util.metrics): the FineTuner records its training (steps, steps
+per second, latest loss); the tracker records the run's subject counts (finished,
+failed, retried, running) and holds them until Ray has exported them.
 """
 
 from __future__ import annotations
@@ -159,7 +160,6 @@ class FineTuner:
             result = failed(job, f"{type(err).__name__}: {err}", attempt, self.name,
                             time.perf_counter() - state["start"])
         self.jobs_done += 1
-        self.metrics.finished(result["status"] == "done", len(job.subjects))
         return result
 
     def _report(self, job: Job, step: int, total: int, loss: float | None) -> None:
@@ -172,30 +172,55 @@ class FineTuner:
 class ProgressTracker:
     """job_id -> latest {actor, pid, step, total, loss, time}; read by the driver.
 
-    It also exports the driver's view as Ray metrics (Prometheus, on the metrics
-    endpoint of the tracker's node): tuneqdm_subjects_retried (counter) and
-    tuneqdm_subjects_running (gauge), tagged with the run id."""
+    It also exports the driver's view of the run as Ray metrics (Prometheus, on the
+    metrics endpoint of the tracker's node), tagged with the run id:
+    tuneqdm_subjects_finished, _failed and _retried (counters) and
+    tuneqdm_subjects_running (gauge). Ray exports a process's metrics every
+    `metrics_report_interval_ms` (10 s by default) and drops what a dead process
+    recorded since its last export, so the driver calls `settle()` before it ends the
+    tracker: the run's final counts reach the endpoint."""
 
     def __init__(self, run_id: str = "") -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.run_tags = {"run": run_id}
-        self.retried = self.running = None
+        self.counters: dict[str, Any] = {}
+        self.running = None
+        self.changed = 0.0  # time.monotonic() of the last metric change
         with contextlib.suppress(Exception):
             from ray.util import metrics
 
-            self.retried = metrics.Counter(
-                "tuneqdm_subjects_retried", "Subjects retried after their actor died or "
-                "timed out.", tag_keys=("run",))
+            for key, text in (("finished", "Subjects whose scale set was written."),
+                              ("failed", "Subjects that failed for their own reasons."),
+                              ("retried", "Subjects retried after their actor died or "
+                                          "timed out.")):
+                self.counters[key] = metrics.Counter(f"tuneqdm_subjects_{key}", text,
+                                                     tag_keys=("run",))
             self.running = metrics.Gauge(
                 "tuneqdm_subjects_running", "Subjects being trained now.", tag_keys=("run",))
 
-    def count(self, running: int, retried: int = 0) -> None:
-        """The driver's tally: subjects running now, and `retried` more retries."""
+    def count(self, running: int, **added: int) -> None:
+        """The driver's tally: subjects running now, and how many more were
+        `finished=`, `failed=` or `retried=` (keyword counts)."""
         with contextlib.suppress(Exception):
             if self.running is not None:
                 self.running.set(running, tags=self.run_tags)
-            if self.retried is not None and retried:
-                self.retried.inc(retried, tags=self.run_tags)
+            for key, value in added.items():
+                if value and key in self.counters:
+                    self.counters[key].inc(value, tags=self.run_tags)
+            self.changed = time.monotonic()
+
+    def settle(self, limit_s: float = 30.0) -> float:
+        """Wait (at most `limit_s`) until one export interval and a margin have passed
+        since the last metric change; returns the seconds waited."""
+        try:
+            import ray
+
+            interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000.0
+        except Exception:
+            interval_s = 10.0
+        wait = min(limit_s, max(0.0, self.changed + 1.5 * interval_s - time.monotonic()))
+        time.sleep(wait)
+        return wait
 
     def update(self, job_id: str, actor: str, pid: int, step: int, total: int,
                loss: float | None) -> None:
@@ -210,19 +235,15 @@ class ProgressTracker:
 
 
 class _Metrics:
-    """ray.util.metrics, created inside the actor process; no-ops if unavailable."""
+    """The FineTuner's training metrics (ray.util.metrics, created inside the actor
+    process; no-ops if unavailable): steps (counter), steps per second and the latest
+    loss (gauges), tagged with the actor's name."""
 
     def __init__(self, actor: str) -> None:
         self.tags = {"actor": actor}
         try:
             from ray.util import metrics
 
-            self.finished_counter = metrics.Counter(
-                "tuneqdm_subjects_finished", "Subjects whose scale set was written.",
-                tag_keys=("actor",))
-            self.failed_counter = metrics.Counter(
-                "tuneqdm_subjects_failed", "Subjects that failed for their own reasons.",
-                tag_keys=("actor",))
             self.steps_counter = metrics.Counter(
                 "tuneqdm_train_steps", "Training steps taken.", tag_keys=("actor",))
             self.steps_per_second = metrics.Gauge(
@@ -237,21 +258,10 @@ class _Metrics:
     def step(self, loss: float, steps_per_second: float) -> None:
         if not self.enabled:
             return
-        try:
+        with contextlib.suppress(Exception):
             self.steps_counter.inc(1, tags=self.tags)
             self.steps_per_second.set(steps_per_second, tags=self.tags)
             self.loss.set(loss, tags=self.tags)
-        except Exception:
-            pass
-
-    def finished(self, ok: bool, subjects: int) -> None:
-        if not self.enabled:
-            return
-        try:
-            counter = self.finished_counter if ok else self.failed_counter
-            counter.inc(subjects, tags=self.tags)
-        except Exception:
-            pass
 
 
 def finetuner_actor():
@@ -270,14 +280,16 @@ def tracker_actor():
 
 
 def hook_runtime_env() -> dict[str, Any]:
-    """The TUNEQDM_TEST_HANG test hook, passed to the actors when the driver has it
-    and an enclosing Ray job does not already give it to every worker."""
+    """The test hooks (TUNEQDM_TEST_HANG, TUNEQDM_TEST_EXIT_AT_STEP) the driver has,
+    passed to the actors unless an enclosing Ray job already gives them to every
+    worker."""
     from .ray_session import job_env_vars
+    from .worker import EXIT_AT_STEP_ENV
 
-    value = os.environ.get(TEST_HANG_ENV)
-    if not value or TEST_HANG_ENV in job_env_vars(os.environ):
-        return {}
-    return {"runtime_env": {"env_vars": {TEST_HANG_ENV: value}}}
+    from_job = job_env_vars(os.environ)
+    hooks = {name: os.environ[name] for name in (TEST_HANG_ENV, EXIT_AT_STEP_ENV)
+             if os.environ.get(name) and name not in from_job}
+    return {"runtime_env": {"env_vars": hooks}} if hooks else {}
 
 
 def start_tracker(ray, run_id: str):

@@ -96,8 +96,10 @@ class RaySession:
         import ray
 
         if not ray.is_initialized():
-            ray.init(**init_kwargs(self.address, self.num_cpus, self.dashboard))
-            self.owned, self.local = True, self.address is None
+            kwargs = init_kwargs(self.address, self.num_cpus, self.dashboard)
+            ray.init(**kwargs)
+            # inside a Ray Job, address None is the job's cluster: not a local Ray
+            self.owned, self.local = True, kwargs["address"] == "local"
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -193,7 +193,9 @@ def run_plan(plan: SubmitPlan, say: Say, err: TextIO,
             scales_dtype=config.scales_dtype, min_image_side=config.min_image_side,
             storage_options=config.storage_options, device=config.device,
             checkpoint_every=config.checkpoint_every)
-        report, interrupted = _run_pool(ray, plan, settings, resources, live_progress, err)
+        # a Ray that outlives this driver (a cluster) keeps serving the run's metrics
+        report, interrupted = _run_pool(ray, plan, settings, resources, live_progress,
+                                        err, settle_metrics=not session.local)
     return RunOutcome(report.results, report.attempts, report.replaced, report.shrunk,
                       report.timed_out, interrupted, dashboard_url)
 
@@ -277,9 +279,11 @@ def _plan_resources(config: SubmitConfig, cluster: dict[str, float],
 
 
 def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str, Any],
-              live_progress: bool | None, err: TextIO):
+              live_progress: bool | None, err: TextIO, settle_metrics: bool = True):
     """The pending jobs on a pool of FineTuner actors, with a live progress line.
-    Returns (PoolReport, interrupted)."""
+    settle_metrics: let the run's final counts reach Ray's metrics export before the
+    tracker ends (pointless when Ray stops with this driver). Returns (PoolReport,
+    interrupted)."""
     from .actors import CALLS_PER_ACTOR, finetuner_actor, hook_runtime_env, start_tracker
     from .scheduler import ActorPool
 
@@ -324,17 +328,26 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
                      on_tick=on_tick, schedule_timeout_s=plan.config.schedule_timeout,
                      subject_timeout=deadline, demand=kind,
                      prefetch=deadline.is_short, queue_depth=CALLS_PER_ACTOR - 1)
+    interrupted = completed = False
     try:
         pool.run(plan.pending)
+        completed = True
     except KeyboardInterrupt:
         err.write("\ninterrupted: stopping actors; finished subjects are kept\n")
         interrupted = True
-    else:
-        interrupted = False
     finally:
         display.close()
-        ray.kill(tracker, no_restart=True)
+        _end_tracker(ray, tracker, settle=completed and settle_metrics)
     return pool.report, interrupted
+
+
+def _end_tracker(ray, tracker: Any, settle: bool) -> None:
+    """Let the tracker's final counts reach Ray's metrics export (at most one export
+    interval and a margin, ~15 s by default; only after a completed run), then end it."""
+    if settle:
+        with contextlib.suppress(Exception):
+            ray.get(tracker.settle.remote(), timeout=60)
+    ray.kill(tracker, no_restart=True)
 
 
 def _event_sink(photos: PhotoShipper, display: ProgressDisplay, deadline: SubjectDeadline,
@@ -356,11 +369,21 @@ def _event_sink(photos: PhotoShipper, display: ProgressDisplay, deadline: Subjec
                           f"with {event['result']['oom_retry']} instead\n")
         if event["event"] in ("started", "finished", "retry"):
             running = sum(display.members.get(j, 1) for j in display.running)
-            retried = len(event["job"].subjects) if event["event"] == "retry" else 0
             with contextlib.suppress(Exception):
-                tracker.count.remote(running, retried)
+                tracker.count.remote(running, **_counts(event))
 
     return on_event
+
+
+def _counts(event: dict[str, Any]) -> dict[str, int]:
+    """The subjects an event adds to the tracker's counters (finished, failed,
+    retried)."""
+    subjects = len(event["job"].subjects)
+    if event["event"] == "retry":
+        return {"retried": subjects}
+    if event["event"] == "finished":
+        return {"finished" if event["result"]["status"] == "done" else "failed": subjects}
+    return {}
 
 
 def _rows(specs, jobs: list[Job], reused: dict[str, dict[str, Any]],

@@ -112,7 +112,10 @@ class LocalCluster:
         env = dict(os.environ)
         env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
                     "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-                    "RAY_raylet_start_wait_time_s": "180"})
+                    "RAY_raylet_start_wait_time_s": "180",
+                    # metrics exported every second (default 10 s): a run's end waits one
+                    # export interval for its final counts (pipeline/run.py)
+                    "RAY_metrics_report_interval_ms": "1000"})
         env.update(self.env)
         return env
 
@@ -169,20 +172,46 @@ class LocalCluster:
                                        stdout=handle, stderr=subprocess.STDOUT)
         return Node(ip=ip, process=process, log=log)
 
+    def live_workers(self) -> list[Node]:
+        """The worker nodes not killed (by a test) and still running."""
+        return [node for node in self.workers if not node.killed and node.alive()]
+
+    def ensure_workers(self, count: int) -> list[Node]:
+        """Start workers until `count` are live (a test may have killed some), wait
+        until the cluster sees them all; returns the live workers."""
+        while len(self.live_workers()) < count:
+            self._check_processes()  # a worker that exited by itself is a failure
+            self.add_worker()
+        want = {HEAD_IP, *(node.ip for node in self.live_workers())}
+        deadline = time.monotonic() + 240.0
+        while True:  # by address: a killed node may still count as alive for a while
+            self._check_processes()
+            with contextlib.suppress(OSError, ValueError):
+                alive = {n["node_ip"] for n in self.nodes() if n["state"] == "ALIVE"}
+                if want <= alive:
+                    return self.live_workers()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nodes {sorted(want)} not all alive after 240 s")
+            time.sleep(1.0)
+
     def wait_for_nodes(self, count: int, timeout_s: float = 240.0) -> list[dict]:
         """Block until `count` nodes are alive (head included); returns them."""
         deadline = time.monotonic() + timeout_s
         nodes: list[dict] = []
         while time.monotonic() < deadline:
-            for node in [self.head, *self.workers]:
-                if node is not None and not node.killed and not node.alive():
-                    raise RuntimeError(f"node {node.ip} exited: {node.log.read_text()[-2000:]}")
+            self._check_processes()
             with contextlib.suppress(OSError, ValueError):
                 nodes = [n for n in self.nodes() if n["state"] == "ALIVE"]
                 if len(nodes) >= count:
                     return nodes
             time.sleep(1.0)
         raise TimeoutError(f"{len(nodes)} of {count} nodes alive after {timeout_s} s")
+
+    def _check_processes(self) -> None:
+        """Raise if a node this kit started has exited without being killed."""
+        for node in [self.head, *self.workers]:
+            if node is not None and not node.killed and not node.alive():
+                raise RuntimeError(f"node {node.ip} exited: {node.log.read_text()[-2000:]}")
 
     def metrics_text(self) -> str:
         """The Prometheus text of every live node's metrics agent, concatenated."""

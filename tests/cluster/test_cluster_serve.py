@@ -1,10 +1,12 @@
-"""Serve on the multi-node cluster: two replicas on two nodes serve subjects that a
-`submit` Ray Job trained into S3; one replica's node is killed and requests succeed
-again after Serve recovers. The gap (seconds from the kill to the first success after
-which every request succeeds) is measured, printed and bounded."""
+"""Serve on the multi-node cluster: two replicas on two nodes serve subjects from S3
+(written by the artefact store as `submit` writes them); one replica's node is
+killed and requests succeed again after Serve recovers. The gap (seconds from the
+kill to the first success after which every request succeeds) is measured, printed
+and bounded."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import sys
@@ -16,9 +18,9 @@ from pathlib import Path
 import pytest
 from cluster_kit import free_port
 
-DREAMBOOTH = Path(__file__).resolve().parents[3] / "shared" / "dreambooth"
+SERVE_COMMON = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_common.py"
 BUCKET = "serve-cluster"
-SUBJECTS = {"dog": "sks", "cat": "zwx"}
+SUBJECTS = ("subject-000", "subject-001")  # serve_common.subject_ids(2)
 REPLICA_CLASS = "ServeReplica:tuneqdm:SubjectModel"
 MAX_GAP_S = 90.0  # node death is noticed by health checks: seconds, not minutes
 
@@ -28,34 +30,30 @@ def _cli(*args: str) -> str:
                      *(shlex.quote(a) for a in args)])
 
 
+def _serve_common():
+    """benchmarks/serve_common.py, imported by path (its synthetic subjects)."""
+    spec = importlib.util.spec_from_file_location("serve_common", SERVE_COMMON)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
-def trained_s3(cluster, s3_endpoint, tmp_path_factory) -> str:
-    """s3://serve-cluster/out: a tiny base and two subjects (2 steps each), trained by
-    `python -m tuneqdm_cli submit` running as a Ray Job on the cluster."""
+def trained_s3(s3_endpoint, tmp_path_factory) -> str:
+    """s3://serve-cluster/out: the tiny base and two subjects, written by the artefact
+    store exactly as `submit` writes them (benchmarks/serve_common.py: synthetic scale
+    sets; test_cluster_submit.py trains through a Ray Job), then copied to moto's S3."""
     import boto3
 
-    from tuneqdm.testing import save_tiny_pipeline
+    from pipeline.store import Storage
 
-    if not DREAMBOOTH.is_dir():
-        pytest.skip(f"{DREAMBOOTH} is not available")
-    root = tmp_path_factory.mktemp("serve-cluster")
-    base_model = save_tiny_pipeline(root / "tiny-sd")  # a shared path: every node sees it
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
     client.create_bucket(Bucket=BUCKET)
-    lines = ["subject_id,images,class,token"]
-    for subject_id, token in SUBJECTS.items():
-        for photo in sorted((DREAMBOOTH / subject_id).glob("*.jpg"))[:2]:
-            client.upload_file(str(photo), BUCKET, f"photos/{subject_id}/{photo.name}")
-        lines.append(f"{subject_id},s3://{BUCKET}/photos/{subject_id}/,{subject_id},{token}")
-    csv = root / "subjects.csv"
-    csv.write_text("\n".join(lines) + "\n")
+    local = _serve_common().prepare_output(tmp_path_factory.mktemp("serve-cluster"),
+                                           len(SUBJECTS))
     output = f"s3://{BUCKET}/out"
-    job = cluster.submit_job(_cli("submit", str(csv), "--output", output, "--base-model",
-                                  str(base_model), "--steps", "2", "--samples", "0",
-                                  "--address", "auto"))
-    status, logs = cluster.wait_job(job, timeout_s=600)
-    assert status == "SUCCEEDED", logs[-3000:]
+    Storage(output, {"endpoint_url": s3_endpoint}).upload_dir(local, "")
     return output
 
 
@@ -145,19 +143,31 @@ def test_serve_survives_losing_a_replica_node(cluster, trained_s3):
         "serve", trained_s3, "--address", "auto", "--detach", "--host", "127.0.0.1",
         "--port", str(port), "--proxy-location", "HeadOnly", "--replicas", "2",
         "--num-gpus-per-replica", "1", "--num-cpus-per-replica", "0.5", "--device", "cpu"))
-    status, logs = cluster.wait_job(job, timeout_s=600)
+    try:
+        status, logs = cluster.wait_job(job, timeout_s=600)
+        assert status == "SUCCEEDED", logs[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        _wait_serving(url, timeout_s=180)
+        victim, survivor = cluster.live_workers()
+        _wait_replicas(cluster, [victim.ip, survivor.ip], timeout_s=90)  # not two on one
+
+        result = measure_gap(url, victim.kill, budget_s=150)
+        print(f"serve recovery after losing a replica node: {json.dumps(result)}")
+        assert result["streak"] >= 6, result  # every request succeeds again ...
+        assert result["gap_s"] <= MAX_GAP_S, result  # ... soon
+        _wait_replicas(cluster, [survivor.ip], timeout_s=120)  # the lost replica is gone
+
+        newcomer = cluster.add_worker()  # a new node joins: Serve places the replica there
+        _wait_replicas(cluster, [survivor.ip, newcomer.ip], timeout_s=300)
+        assert all(_generate(url, s, 7) for s in SUBJECTS)
+    finally:  # the replicas hold both GPUs: give them back to the other tests
+        _shutdown_serve(cluster)
+
+
+def _shutdown_serve(cluster) -> None:
+    """Shut Serve down on the cluster (a Ray Job on the head, as the app came)."""
+    code = ("import ray; from ray import serve; ray.init(address='auto', "
+            "log_to_driver=False); serve.shutdown()")
+    job = cluster.submit_job(f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}")
+    status, logs = cluster.wait_job(job, timeout_s=120)
     assert status == "SUCCEEDED", logs[-3000:]
-    url = f"http://127.0.0.1:{port}"
-    _wait_serving(url, timeout_s=180)
-    _wait_replicas(cluster, ["127.0.0.3", "127.0.0.4"], timeout_s=90)  # not two on one
-
-    victim = next(w for w in cluster.workers if w.ip == "127.0.0.3")
-    result = measure_gap(url, victim.kill, budget_s=150)
-    print(f"serve recovery after losing a replica node: {json.dumps(result)}")
-    assert result["streak"] >= 6, result  # every request succeeds again ...
-    assert result["gap_s"] <= MAX_GAP_S, result  # ... soon
-    _wait_replicas(cluster, ["127.0.0.4"], timeout_s=120)  # the lost replica is gone
-
-    cluster.add_worker()  # a new node joins: Serve places the second replica there
-    _wait_replicas(cluster, ["127.0.0.4", "127.0.0.5"], timeout_s=300)
-    assert all(_generate(url, s, 7) for s in SUBJECTS)

@@ -14,6 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Metrics exported every second (Ray's default: 10 s): a run on a Ray that outlives
+# it waits one export interval for its final counts (pipeline/run.py).
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 # Credentials for moto (it accepts any) the way users give them: in the environment,
 # which s3fs reads (storage options refuse them), inherited by Ray's workers.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
