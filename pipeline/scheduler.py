@@ -317,6 +317,8 @@ class ActorPool:
     def _check_deadlines(self) -> None:
         """A try past its deadline: kill its actor (hung, not crashed) and retry. The
         deadline is asked anew on every tick, so a derived one can follow measurements."""
+        import ray
+
         now = time.monotonic()
         for slot in self.slots:
             if not slot.calls:
@@ -325,6 +327,8 @@ class ActorPool:
             timeout_s = self._timeout_for(call.job)
             if not timeout_s or now - call.started < timeout_s:
                 continue
+            if ray.wait([call.ref], timeout=0)[0]:
+                continue  # it has just finished (a busy driver saw it late): collect it
             jid = call.job.job_id
             self.report.timed_out[jid] = self.report.timed_out.get(jid, 0) + 1
             self._actor_died(slot, f"timed out after {timeout_s:g} s", timed_out=True)

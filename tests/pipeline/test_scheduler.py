@@ -135,14 +135,38 @@ def test_pool_arguments_are_checked():
         ActorPool(lambda n: None, lambda a, j, t: None, 1, "x", schedule_timeout_s=0)
 
 
-def test_custom_metrics_record_without_errors(ray_session):
+def test_the_actor_metrics_record_without_errors(ray_session):
     from pipeline.actors import _Metrics
 
     metrics = _Metrics("test-actor")
     assert metrics.enabled
     metrics.step(0.5, 3.0)
-    metrics.finished(True, 2)
-    metrics.finished(False, 1)
+
+
+def test_the_tracker_waits_one_export_interval_after_its_last_count(ray_session):
+    """Ray exports every RAY_metrics_report_interval_ms (1 s in the tests, conftest.py);
+    what a process records after its last export dies with it."""
+    from pipeline.actors import ProgressTracker
+
+    tracker = ProgressTracker("run-x")
+    assert set(tracker.counters) == {"finished", "failed", "retried"}
+    assert tracker.running is not None
+    tracker.count(2, finished=1, retried=1, unknown=3)  # an unknown count is ignored
+    waited = tracker.settle()
+    assert 1.3 <= waited <= 1.5  # 1.5 intervals after the change
+    assert tracker.settle() == 0.0  # nothing changed since
+
+
+def test_events_count_as_finished_failed_or_retried():
+    from pipeline.run import _counts
+
+    job = Job("pair", (SubjectSpec("a", (), "thing"), SubjectSpec("b", (), "thing")))
+    assert _counts({"event": "retry", "job": job}) == {"retried": 2}
+    assert _counts({"event": "finished", "job": job, "result": {"status": "done"}}) == {
+        "finished": 2}
+    assert _counts({"event": "finished", "job": job, "result": {"status": "failed"}}) == {
+        "failed": 2}
+    assert _counts({"event": "started", "job": job}) == {}
 
 
 def test_a_dead_actors_job_goes_to_the_live_idle_actor_not_an_unschedulable_one(
