@@ -67,6 +67,29 @@ def _metric_sum(text: str, name: str, run: str) -> float:
                if f'run="{run}"' in match.group(1))
 
 
+def _training_actor(logs: str) -> str | None:
+    """The actor of the latest subject that started and has not finished, per the
+    driver's log ("started  <id> on <actor>", "done     <id> ...")."""
+    started: dict[str, str] = {}
+    for line in logs.splitlines():
+        words = line.split()
+        if line.startswith("started  ") and len(words) >= 4:
+            started[words[1]] = words[3]
+        elif line.startswith("done     ") and len(words) >= 2:
+            started.pop(words[1], None)
+    return list(started.values())[-1] if started else None
+
+
+def _node_of_actor(cluster, name: str):
+    """The cluster kit's worker node that runs the live actor called `name`."""
+    from ray.util.state import list_actors
+
+    (actor,) = list_actors(address=cluster.dashboard_url,
+                           filters=[("name", "=", name), ("state", "=", "ALIVE")])
+    ip = {n["node_id"]: n["node_ip"] for n in cluster.nodes()}[actor.node_id]
+    return next(node for node in cluster.live_workers() if node.ip == ip)
+
+
 GAUGES = ("tuneqdm_subjects_running", "tuneqdm_train_steps_per_second")
 
 
@@ -91,11 +114,13 @@ def test_a_worker_node_killed_mid_run_loses_no_subject(cluster, s3_endpoint, tin
             return until(logs)
         return check
 
-    # kill a worker node once the first subject is done and the others are training
-    status, logs = cluster.wait_job(job, timeout_s=600,
-                                    until=watch(lambda text: "done     " in text))
+    # once the first subject is done, kill the node of an actor that is training one
+    # (on a busy machine one actor may do every subject while the other still loads)
+    status, logs = cluster.wait_job(
+        job, timeout_s=600,
+        until=watch(lambda text: "done     " in text and _training_actor(text)))
     assert status == "RUNNING", logs[-3000:]
-    victim = cluster.live_workers()[0]
+    victim = _node_of_actor(cluster, _training_actor(logs))
     killed_at = time.monotonic()
     victim.kill()
     cluster.wait_job(job, timeout_s=600, until=watch(lambda text: "(attempt 2)" in text))
