@@ -293,10 +293,11 @@ def hook_runtime_env() -> dict[str, Any]:
 
 
 def start_tracker(ray, run_id: str):
-    """The progress tracker, on the driver's node (soft): losing a worker node must not
-    take the progress board and the run's metrics with it."""
+    """The progress tracker, on the driver's node (0 CPUs; that node lives as long as
+    the run): losing a worker node must not take the progress board and the run's
+    metrics with it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return tracker_actor().options(name=f"tuneqdm-progress-{run_id}",
                                    scheduling_strategy=here).remote(run_id)

@@ -90,6 +90,16 @@ def _node_of_actor(cluster, name: str):
     return next(node for node in cluster.live_workers() if node.ip == ip)
 
 
+def _tracker_node(cluster, run: str) -> str:
+    """Where the run's progress tracker ran, and its state (for failure messages)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.dashboard_url,
+                         filters=[("name", "=", f"tuneqdm-progress-{run}")], detail=True)
+    ips = {n["node_id"]: n["node_ip"] for n in cluster.nodes()}
+    return ", ".join(f"{a.state} on {ips.get(a.node_id, a.node_id)}" for a in actors)
+
+
 GAUGES = ("tuneqdm_subjects_running", "tuneqdm_train_steps_per_second")
 
 
@@ -106,11 +116,12 @@ def test_a_worker_node_killed_mid_run_loses_no_subject(cluster, s3_endpoint, tin
     # the gauges are live values (Ray drops a dead process's gauges within two export
     # intervals), so they are read from the nodes' /metrics while the run goes on
     gauges_seen: set[str] = set()
+    texts: list[str] = []  # every scrape of the nodes' /metrics
 
     def watch(until):
         def check(logs: str) -> bool:
-            text = cluster.metrics_text()
-            gauges_seen.update(name for name in GAUGES if name in text)
+            texts.append(cluster.metrics_text())
+            gauges_seen.update(name for name in GAUGES if name in texts[-1])
             return until(logs)
         return check
 
@@ -148,15 +159,20 @@ def test_a_worker_node_killed_mid_run_loses_no_subject(cluster, s3_endpoint, tin
     assert gauges_seen == set(GAUGES), f"seen during the run: {sorted(gauges_seen)}"
     retries = sum(r["attempts"] - 1 for r in summary["subjects"])
     run = summary["run_id"]
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:  # a busy node's agent may miss one scrape
-        text = cluster.metrics_text()
-        if _metric_sum(text, "tuneqdm_subjects_finished", run) >= len(SUBJECTS):
+
+    def final(name: str) -> float:  # counters only grow: the largest value scraped
+        return max(_metric_sum(text, name, run) for text in texts)
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # a busy node's agent may miss a scrape
+        texts.append(cluster.metrics_text())
+        if final("tuneqdm_subjects_finished") >= len(SUBJECTS):
             break
         time.sleep(2)
-    ours = "\n".join(line for line in text.splitlines() if "tuneqdm_subjects" in line)
-    assert _metric_sum(text, "tuneqdm_subjects_finished", run) == len(SUBJECTS), ours
-    assert _metric_sum(text, "tuneqdm_subjects_retried", run) == retries, ours
+    ours = "\n".join(line for line in texts[-1].splitlines() if "tuneqdm_subjects" in line)
+    where = _tracker_node(cluster, run)
+    assert final("tuneqdm_subjects_finished") == len(SUBJECTS), (where, ours)
+    assert final("tuneqdm_subjects_retried") == retries, (where, ours)
     JobSubmissionClient(cluster.dashboard_url).delete_job(job)
 
 
