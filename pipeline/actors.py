@@ -301,3 +301,24 @@ def start_tracker(ray, run_id: str):
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return tracker_actor().options(name=f"tuneqdm-progress-{run_id}",
                                    scheduling_strategy=here).remote(run_id)
+
+
+def end_tracker(ray, tracker: Any, settle: bool) -> None:
+    """End the run's tracker; with `settle` (a completed run on a Ray that outlives the
+    driver) first let its final counts reach Ray's metrics export: at most one export
+    interval and a half, ~15 s with Ray's default (ProgressTracker.settle)."""
+    if settle:
+        with contextlib.suppress(Exception):
+            ray.get(tracker.settle.remote(), timeout=60)
+    ray.kill(tracker, no_restart=True)
+
+
+def tracker_counts(event: dict[str, Any]) -> dict[str, int]:
+    """The subjects a pool event adds to the tracker's counters (finished, failed,
+    retried)."""
+    subjects = len(event["job"].subjects)
+    if event["event"] == "retry":
+        return {"retried": subjects}
+    if event["event"] == "finished":
+        return {"finished" if event["result"]["status"] == "done" else "failed": subjects}
+    return {}

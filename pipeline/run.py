@@ -27,6 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .actors import (
+    CALLS_PER_ACTOR,
+    end_tracker,
+    finetuner_actor,
+    hook_runtime_env,
+    start_tracker,
+    tracker_counts,
+)
 from .cluster import PhotoShipper, check_output_reachable
 from .deadline import SubjectDeadline
 from .manifest import Job, SubjectSpec, group_jobs, load_manifest
@@ -35,8 +43,8 @@ from .quantize import quantize_task
 from .ray_session import RaySession
 from .settings import SubmitConfig, SubmitError, base_recipe, resolve_base_model
 from .store import Storage, content_address, read_done, verify_subject
-from .store.layout import base_rel, subject_rel
-from .summary import counts, format_table, row, write_summary
+from .store.layout import base_rel
+from .summary import counts, format_table, subject_rows, write_summary
 from .worker import WorkSettings
 
 __all__ = ["RunError", "RunReport", "SubmitConfig", "SubmitError", "submit"]
@@ -227,8 +235,8 @@ def _ensure_base(ray, plan: SubmitPlan, resources: dict[str, Any], say: Say) -> 
 
 def report_run(plan: SubmitPlan, outcome: RunOutcome, out: TextIO, say: Say) -> RunReport:
     """The rows and summary: written to storage, printed, and returned."""
-    rows = _rows(plan.specs, plan.jobs, plan.reused, outcome.results, outcome.attempts,
-                 plan.storage)
+    rows = subject_rows(plan.specs, plan.jobs, plan.reused, outcome.results,
+                        outcome.attempts, plan.storage)
     summary = {
         "run_id": plan.run_id,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(plan.started)),
@@ -280,11 +288,8 @@ def _plan_resources(config: SubmitConfig, cluster: dict[str, float],
 
 def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str, Any],
               live_progress: bool | None, err: TextIO, settle_metrics: bool = True):
-    """The pending jobs on a pool of FineTuner actors, with a live progress line.
-    settle_metrics: let the run's final counts reach Ray's metrics export before the
-    tracker ends (pointless when Ray stops with this driver). Returns (PoolReport,
-    interrupted)."""
-    from .actors import CALLS_PER_ACTOR, finetuner_actor, hook_runtime_env, start_tracker
+    """The pending jobs on a pool of FineTuner actors, with a live progress line;
+    settle_metrics: see actors.end_tracker. Returns (PoolReport, interrupted)."""
     from .scheduler import ActorPool
 
     run_id, storage, spec_hashes = plan.run_id, plan.storage, plan.spec_hashes
@@ -337,17 +342,8 @@ def _run_pool(ray, plan: SubmitPlan, settings: WorkSettings, resources: dict[str
         interrupted = True
     finally:
         display.close()
-        _end_tracker(ray, tracker, settle=completed and settle_metrics)
+        end_tracker(ray, tracker, settle=completed and settle_metrics)
     return pool.report, interrupted
-
-
-def _end_tracker(ray, tracker: Any, settle: bool) -> None:
-    """Let the tracker's final counts reach Ray's metrics export (at most one export
-    interval and a margin, ~15 s by default; only after a completed run), then end it."""
-    if settle:
-        with contextlib.suppress(Exception):
-            ray.get(tracker.settle.remote(), timeout=60)
-    ray.kill(tracker, no_restart=True)
 
 
 def _event_sink(photos: PhotoShipper, display: ProgressDisplay, deadline: SubjectDeadline,
@@ -370,52 +366,6 @@ def _event_sink(photos: PhotoShipper, display: ProgressDisplay, deadline: Subjec
         if event["event"] in ("started", "finished", "retry"):
             running = sum(display.members.get(j, 1) for j in display.running)
             with contextlib.suppress(Exception):
-                tracker.count.remote(running, **_counts(event))
+                tracker.count.remote(running, **tracker_counts(event))
 
     return on_event
-
-
-def _counts(event: dict[str, Any]) -> dict[str, int]:
-    """The subjects an event adds to the tracker's counters (finished, failed,
-    retried)."""
-    subjects = len(event["job"].subjects)
-    if event["event"] == "retry":
-        return {"retried": subjects}
-    if event["event"] == "finished":
-        return {"finished" if event["result"]["status"] == "done" else "failed": subjects}
-    return {}
-
-
-def _rows(specs, jobs: list[Job], reused: dict[str, dict[str, Any]],
-          results: dict[str, dict[str, Any]], attempts: dict[str, int],
-          storage: Storage) -> list[dict[str, Any]]:
-    job_of = {s: job for job in jobs for s in job.subject_ids}
-    rows = []
-    for spec in specs:
-        sid = spec.subject_id
-        output = storage.uri(subject_rel(sid))
-        if sid in reused:
-            meta = reused[sid]
-            rows.append(row(sid, group=spec.group, status="reused",
-                            final_loss=meta.get("final_loss"), seconds=meta.get("seconds"),
-                            steps=meta.get("steps"), attempts=0, output=output,
-                            actor=meta.get("actor") or ""))
-            continue
-        job = job_of[sid]
-        result = results.get(job.job_id)
-        if result is None:
-            rows.append(row(sid, group=spec.group, status="failed",
-                            attempts=attempts.get(job.job_id, 0),
-                            reason="not run (the run was interrupted)"))
-        elif result["status"] == "done":
-            rows.append(row(sid, group=spec.group, status="done",
-                            final_loss=result.get("final_loss"), seconds=result.get("seconds"),
-                            steps=result.get("steps"), attempts=attempts.get(job.job_id, 1),
-                            output=result["outputs"].get(sid, output),
-                            actor=result.get("actor", "")))
-        else:
-            rows.append(row(sid, group=spec.group, status="failed",
-                            seconds=result.get("seconds"),
-                            attempts=attempts.get(job.job_id, 1),
-                            reason=result.get("reason", ""), actor=result.get("actor", "")))
-    return rows

@@ -11,6 +11,7 @@ import io
 import math
 from typing import Any
 
+from .manifest import Job
 from .store import (
     SUMMARY_JSON,
     SUMMARY_PARQUET,
@@ -124,3 +125,40 @@ def collect_status(storage: Storage, verify: bool = False) -> tuple[list[dict[st
             rows.append(dict(prev))
     rows.sort(key=lambda r: r["subject_id"])
     return rows, last
+
+
+def subject_rows(specs, jobs: list[Job], reused: dict[str, dict[str, Any]],
+                 results: dict[str, dict[str, Any]], attempts: dict[str, int],
+                 storage: Storage) -> list[dict[str, Any]]:
+    """One summary row per subject of the manifest, in its order: reused (finished
+    before), done, or failed (with the reason; "not run" after an interrupt)."""
+    job_of = {s: job for job in jobs for s in job.subject_ids}
+    rows = []
+    for spec in specs:
+        sid = spec.subject_id
+        output = storage.uri(subject_rel(sid))
+        if sid in reused:
+            meta = reused[sid]
+            rows.append(row(sid, group=spec.group, status="reused",
+                            final_loss=meta.get("final_loss"), seconds=meta.get("seconds"),
+                            steps=meta.get("steps"), attempts=0, output=output,
+                            actor=meta.get("actor") or ""))
+            continue
+        job = job_of[sid]
+        result = results.get(job.job_id)
+        if result is None:
+            rows.append(row(sid, group=spec.group, status="failed",
+                            attempts=attempts.get(job.job_id, 0),
+                            reason="not run (the run was interrupted)"))
+        elif result["status"] == "done":
+            rows.append(row(sid, group=spec.group, status="done",
+                            final_loss=result.get("final_loss"), seconds=result.get("seconds"),
+                            steps=result.get("steps"), attempts=attempts.get(job.job_id, 1),
+                            output=result["outputs"].get(sid, output),
+                            actor=result.get("actor", "")))
+        else:
+            rows.append(row(sid, group=spec.group, status="failed",
+                            seconds=result.get("seconds"),
+                            attempts=attempts.get(job.job_id, 1),
+                            reason=result.get("reason", ""), actor=result.get("actor", "")))
+    return rows

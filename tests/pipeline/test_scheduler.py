@@ -158,15 +158,15 @@ def test_the_tracker_waits_one_export_interval_after_its_last_count(ray_session)
 
 
 def test_events_count_as_finished_failed_or_retried():
-    from pipeline.run import _counts
+    from pipeline.actors import tracker_counts
 
     job = Job("pair", (SubjectSpec("a", (), "thing"), SubjectSpec("b", (), "thing")))
-    assert _counts({"event": "retry", "job": job}) == {"retried": 2}
-    assert _counts({"event": "finished", "job": job, "result": {"status": "done"}}) == {
+    assert tracker_counts({"event": "retry", "job": job}) == {"retried": 2}
+    assert tracker_counts({"event": "finished", "job": job, "result": {"status": "done"}}) == {
         "finished": 2}
-    assert _counts({"event": "finished", "job": job, "result": {"status": "failed"}}) == {
+    assert tracker_counts({"event": "finished", "job": job, "result": {"status": "failed"}}) == {
         "failed": 2}
-    assert _counts({"event": "started", "job": job}) == {}
+    assert tracker_counts({"event": "started", "job": job}) == {}
 
 
 def test_a_dead_actors_job_goes_to_the_live_idle_actor_not_an_unschedulable_one(
