@@ -43,9 +43,13 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class UnitScheduling(LoadScopeScheduling):
-        """Whole units to workers, as they become free (collection order)."""
+        """Whole units to workers, as they become free."""
 
         def _split_scope(self, nodeid: str) -> str:
             return unit_of(nodeid)
 
+    # units in collection order (tests/cluster, the longest, among the first), not
+    # xdist's default of most tests first, which started the multi-node group late and
+    # left it running alone at the end
+    config.option.loadscopereorder = False
     return UnitScheduling(config, log)
