@@ -39,7 +39,7 @@ def _serve_common():
 
 
 @pytest.fixture(scope="module")
-def trained_s3(s3_endpoint, tmp_path_factory) -> str:
+def served_s3(s3_endpoint, tmp_path_factory) -> str:
     """s3://serve-cluster/out: the tiny base and two subjects, written by the artefact
     store exactly as `submit` writes them (benchmarks/serve_common.py: synthetic scale
     sets; test_cluster_submit.py trains through a Ray Job), then copied to moto's S3."""
@@ -137,10 +137,10 @@ def measure_gap(url: str, kill, budget_s: float, settle: int = 6,
             "slowest_request_s": round(slowest, 2)}
 
 
-def test_serve_survives_losing_a_replica_node(cluster, trained_s3):
+def test_serve_survives_losing_a_replica_node(cluster, served_s3):
     port = free_port()
     job = cluster.submit_job(_cli(
-        "serve", trained_s3, "--address", "auto", "--detach", "--host", "127.0.0.1",
+        "serve", served_s3, "--address", "auto", "--detach", "--host", "127.0.0.1",
         "--port", str(port), "--proxy-location", "HeadOnly", "--replicas", "2",
         "--num-gpus-per-replica", "1", "--num-cpus-per-replica", "0.5", "--device", "cpu"))
     try:
