@@ -247,6 +247,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--subjects", nargs="+", default=[s.subject_id for s in SUBJECTS],
                         help="default: all 8")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="KEY",
+                        choices=[m.key for m in paper_methods()],
+                        help="rows to run, by key (default: all; e.g. none-n1-fp32 "
+                             "full-n1-fp32 peqa-n1-w4 tuneqdm-n4-w4)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=10)
@@ -270,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = paper_methods()
     if args.quick:
         methods, args.seeds, args.subjects = QUICK_METHODS, [0], args.subjects[:2]
+    if args.methods:
+        methods = [Method.from_key(key) for key in dict.fromkeys(args.methods)]
     if args.steps:
         config = replace(config, steps=args.steps)
     start = time.perf_counter()

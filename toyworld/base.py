@@ -67,6 +67,10 @@ class BaseConfig:
     # Object pixels (grown by 1 px) weigh 1 + this in the loss: objects cover 10-15% of
     # an image, and with equal weights the background drowns them out.
     object_loss_weight: float = 4.0
+    # This fraction of each batch draws its timestep from [high_noise_from, 1000)
+    # instead of uniformly (sample_timesteps says why).
+    high_noise_fraction: float = 0.0
+    high_noise_from: int = 800
     ema_decay: float = 0.999
     # held-out evaluation (progress_every: a quick 32-image check in the log)
     progress_every: int = 1000
@@ -217,6 +221,25 @@ def object_weights(masks: torch.Tensor, weight: float) -> torch.Tensor:
     return 1.0 + weight * grown
 
 
+def sample_timesteps(config: BaseConfig, total: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch_size,) int64 training timesteps: uniform on [0, total), except that a
+    `config.high_noise_fraction` of them is drawn from [config.high_noise_from, total).
+
+    Why: a 10-14 px object is visible through the noise from about t = 950 on (its
+    ~150 pixels add up), so with uniform timesteps only ~5% of the steps teach the
+    UNet to place an object from the caption; the rest teach it to follow the noise,
+    and sampling then places the object wherever the first noise draw leans.
+    With fraction 0 no extra random numbers are drawn (older bases reproduce).
+    """
+    timesteps = torch.randint(0, total, (config.batch_size,), generator=generator)
+    if config.high_noise_fraction > 0:
+        high = torch.randint(config.high_noise_from, total, (config.batch_size,),
+                             generator=generator)
+        chosen = torch.rand(config.batch_size, generator=generator) < config.high_noise_fraction
+        timesteps = torch.where(chosen, high, timesteps)
+    return timesteps
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -246,8 +269,7 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latents, latent_std
         clean = latents[index] + latent_stds[index] * torch.randn(
             latents[index].shape, generator=generator)  # (B, 4, 32, 32)
         noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
-                                  (config.batch_size,), generator=generator)
+        timesteps = sample_timesteps(config, scheduler.config.num_train_timesteps, generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         target = scheduler.get_velocity(clean, noise, timesteps)  # v-prediction
         captions = [training_caption(scenes[int(i)], rng, dropout) for i in index]

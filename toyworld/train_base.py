@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(config, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, "
                              f"got {getattr(config, name)}")
+    if not 0.0 <= config.high_noise_fraction <= 1.0:
+        raise SystemExit("--high-noise-fraction must be in [0, 1], "
+                         f"got {config.high_noise_fraction}")
+    if not 0 <= config.high_noise_from < 1000:
+        raise SystemExit("--high-noise-from must be a timestep in [0, 999], "
+                         f"got {config.high_noise_from}")
     start = time.perf_counter()
 
     def log(message: str) -> None:

@@ -132,3 +132,13 @@ def test_claims_are_paired_tests_over_subjects():
     assert tie["wins"] == "0/24" and tie["p"] == "1.0000" and tie["verdict"] == "not shown"
     # 0.78 against 0.95 x 0.80 = 0.76 in every pair: within the 5% margin
     assert claims["TuneQDM N=4 W4 >= 95% of full fine-tuning (fast)"]["verdict"] == "holds"
+
+
+def test_methods_flag_picks_table_rows_by_key():
+    bench = _benchmark_module()
+    args = bench.parse_args(["--methods", "full-n1-fp32", "tuneqdm-n4-w4", "full-n1-fp32"])
+    assert args.methods == ["full-n1-fp32", "tuneqdm-n4-w4", "full-n1-fp32"]
+    assert [Method.from_key(k) for k in dict.fromkeys(args.methods)] == [
+        Method("full"), Method("tuneqdm", 4, 4)]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "tuneqdm-n4-w5"])

@@ -20,6 +20,7 @@ from toyworld.base import (
     generate,
     held_out_prompts,
     images_to_tensor,
+    sample_timesteps,
     train_base,
 )
 from toyworld.split import held_out_scenes
@@ -132,3 +133,18 @@ def test_build_unet_puts_cross_attention_on_the_coarsest_levels():
         build_unet((16, 32, 64, 64), attention_levels=5)
     with pytest.raises(ValueError, match="divisible"):
         build_unet((16,) * 7, attention_levels=2)
+
+
+def test_sample_timesteps_moves_the_chosen_fraction_to_high_noise():
+    uniform = replace(BaseConfig(), batch_size=4000)
+    plain = torch.randint(0, 1000, (4000,), generator=torch.Generator().manual_seed(3))
+    # fraction 0 draws exactly what torch.randint draws (older bases reproduce)
+    assert torch.equal(sample_timesteps(uniform, 1000, torch.Generator().manual_seed(3)), plain)
+    high = replace(uniform, high_noise_fraction=0.25, high_noise_from=900)
+    drawn = sample_timesteps(high, 1000, torch.Generator().manual_seed(3))
+    assert drawn.min() >= 0 and drawn.max() <= 999 and drawn.dtype == torch.int64
+    # 25% from [900, 1000) plus 10% of the uniform 75%: 0.325 of all at t >= 900
+    assert float((drawn >= 900).float().mean()) == pytest.approx(0.325, abs=0.025)
+    everything = sample_timesteps(replace(high, high_noise_fraction=1.0), 1000,
+                                  torch.Generator().manual_seed(3))
+    assert everything.min() >= 900
