@@ -70,7 +70,7 @@ class BaseConfig:
     # This fraction of each batch draws its timestep from [high_noise_from, 1000)
     # instead of uniformly (sample_timesteps says why).
     high_noise_fraction: float = 0.0
-    high_noise_from: int = 800
+    high_noise_from: int = 900  # run B of docs/toyworld.md (position 1.000)
     ema_decay: float = 0.999
     # held-out evaluation (progress_every: a quick 32-image check in the log)
     progress_every: int = 1000
