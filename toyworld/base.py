@@ -50,9 +50,13 @@ REPORT_NAME = "toyworld.json"
 
 @dataclass(frozen=True)
 class BaseConfig:
-    """Settings of `train_base`. Defaults made models/toyworld-base."""
+    """Settings of `train_base`. Defaults are stage 1 of models/toyworld-base
+    (scripts/train_toyworld_base.sh runs both stages)."""
 
     seed: int = 0
+    # A saved base to continue training (stage 2): its tokenizer, VAE, text encoder and
+    # UNet are loaded instead of built; block_out_channels/attention_levels are ignored.
+    resume_from: str = ""
     threads: int = 2  # torch threads; results are reproducible for a fixed value
     # UNet: channels per level (32 px first, halving), and how many of the coarsest
     # levels have cross-attention (build_unet)
@@ -307,16 +311,14 @@ def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
     start = time.perf_counter()
     cpu_start = time.process_time()
 
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = build_tokenizer(folder)
-    text_encoder, vae = build_text_encoder(tokenizer), build_vae()
-    unet = build_unet(config.block_out_channels, config.attention_levels)
-    scheduler = build_scheduler()
-
+    tokenizer, text_encoder, vae, unet, scheduler = _components(config)
     scenes = [sample_training_scene(rng) for _ in range(config.dataset_size)]
     means, stds, masks = encode_dataset(vae, scenes)
-    scaling = float(1.0 / means.pow(2).mean().sqrt())
-    vae.register_to_config(scaling_factor=scaling)
+    if config.resume_from:
+        scaling = float(vae.config.scaling_factor)  # the latents the UNet was trained on
+    else:
+        scaling = float(1.0 / means.pow(2).mean().sqrt())
+        vae.register_to_config(scaling_factor=scaling)
     timings["encode_s"] = time.perf_counter() - start
     log(f"encoded {len(scenes)} images; latent scaling_factor {scaling:.4f}")
 
@@ -336,6 +338,26 @@ def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
     report = _report(config, pipe, timings, accuracy, losses)
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _components(config: BaseConfig):
+    """(tokenizer, text_encoder, vae, unet, scheduler): built fresh, or loaded from
+    config.resume_from (a folder train_base saved)."""
+    if config.resume_from:
+        from diffusers import StableDiffusionPipeline
+
+        folder = Path(config.resume_from)
+        if not (folder / REPORT_NAME).is_file():
+            raise FileNotFoundError(f"--resume-from {folder}: not a toy-world base "
+                                    f"(no {REPORT_NAME}; train_base saves one)")
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+        return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, build_scheduler()
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = build_tokenizer(folder)
+    # this order draws the random initialisations as the committed stage 1 did
+    text_encoder, vae = build_text_encoder(tokenizer), build_vae()
+    unet = build_unet(config.block_out_channels, config.attention_levels)
+    return tokenizer, text_encoder, vae, unet, build_scheduler()
 
 
 def _quick_check(vae, tokenizer, scheduler, config: BaseConfig):

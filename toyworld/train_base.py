@@ -2,9 +2,11 @@
 
     HF_HUB_OFFLINE=1 python -m toyworld.train_base --out models/toyworld-base --seed 0
 
-reproduces models/toyworld-base (same seed and --threads give the same weights on the
-same software versions). See toyworld/base.py for what is trained and docs/toyworld.md
-for the measured time and held-out accuracy.
+is stage 1 of models/toyworld-base; `--resume-from FOLDER` continues a saved base
+(stage 2). scripts/train_toyworld_base.sh runs both stages and reproduces the
+committed base (same seed and --threads give the same weights on the same software
+versions). See toyworld/base.py for what is trained and docs/toyworld.md for the
+measured time and held-out accuracy.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import os
 import sys
 import time
 from dataclasses import fields, replace
+from pathlib import Path
 
-from .base import BaseConfig, train_base
+from .base import REPORT_NAME, BaseConfig, train_base
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= config.high_noise_from < 1000:
         raise SystemExit("--high-noise-from must be a timestep in [0, 999], "
                          f"got {config.high_noise_from}")
+    if config.resume_from and not (Path(config.resume_from) / REPORT_NAME).is_file():
+        raise SystemExit(f"--resume-from {config.resume_from}: not a toy-world base "
+                         f"(no {REPORT_NAME} in it; train_base saves one)")
     start = time.perf_counter()
 
     def log(message: str) -> None:
