@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (args.base / "model_index.json").is_file():
         raise SystemExit(f"--base {args.base}: no pipeline there (train it with "
-                         "python -m toyworld.train_base --out models/toyworld-base)")
+                         "bash scripts/train_toyworld_base.sh)")
     config = CompareConfig()
     methods = paper_methods()
     if args.quick:

@@ -22,6 +22,8 @@ trained from scratch on the world's training split (split.py) on CPU:
 
 `train_base(config, out)` runs all of it and saves with `save_pretrained`; a JSON report
 (settings, timings, held-out accuracy) goes next to the components as toyworld.json.
+With `config.resume_from` it continues a saved base instead (stage 2 of the committed
+one: scripts/train_toyworld_base.sh, docs/toyworld.md "Training").
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class BaseConfig:
     # This fraction of each batch draws its timestep from [high_noise_from, 1000)
     # instead of uniformly (sample_timesteps says why).
     high_noise_fraction: float = 0.0
-    high_noise_from: int = 900  # run B of docs/toyworld.md (position 1.000)
+    high_noise_from: int = 900  # stage 2 and run B of docs/toyworld.md
     ema_decay: float = 0.999
     # held-out evaluation (progress_every: a quick 32-image check in the log)
     progress_every: int = 1000

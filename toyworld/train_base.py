@@ -1,6 +1,6 @@
 """Train the toy world's text-to-image base from a seed and save it in diffusers format.
 
-    HF_HUB_OFFLINE=1 python -m toyworld.train_base --out models/toyworld-base --seed 0
+    HF_HUB_OFFLINE=1 python -m toyworld.train_base --out models/toyworld-base.stage1 --seed 0
 
 is stage 1 of models/toyworld-base; `--resume-from FOLDER` continues a saved base
 (stage 2). scripts/train_toyworld_base.sh runs both stages and reproduces the
