@@ -31,9 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from toyworld.base import colour_accuracy, images_to_tensor, tokenize
+from toyworld.base import colour_accuracy, images_to_tensor
 from toyworld.metrics import analyse, classify_pattern
 from toyworld.split import held_out_scenes
+from toyworld.text import tokenize
 from toyworld.world import COLOURS, POSITIONS, caption, render
 
 CAPTION = "a red striped circle on a blue background, top left"

@@ -3,9 +3,9 @@
 A small Stable-Diffusion-shaped pipeline (diffusers' StableDiffusionPipeline layout),
 trained from scratch on the world's training split (split.py) on CPU:
 
-1. tokenizer: a CLIP BPE tokenizer over world.VOCABULARY (every word one token; the
-   rare subject tokens are in it but never in a training caption, so their embeddings
-   keep their random initialisation: valid, untrained);
+1. tokenizer (text.py): a CLIP BPE tokenizer over world.VOCABULARY (every word one
+   token; the rare subject tokens are in it but never in a training caption, so their
+   embeddings keep their random initialisation: valid, untrained);
 2. VAE: an AutoencoderKL with hand-set weights that is an exact per-pixel linear
    colour transform (no downsampling, 4 latent channels; vae.py says how and why);
    its scaling_factor makes the training latents unit RMS;
@@ -42,10 +42,10 @@ import torch
 
 from .evaluate import colour_accuracy, generate, held_out_prompts
 from .split import CaptionDropout, sample_training_scene, training_caption
+from .text import build_text_encoder, build_tokenizer, tokenize
 from .vae import build_vae
-from .world import IMAGE_SIZE, VOCABULARY, Scene, render
+from .world import IMAGE_SIZE, Scene, render
 
-MAX_TOKENS = 24  # tokenizer model_max_length: the longest caption is 18 tokens
 LATENT_SIZE = IMAGE_SIZE  # the VAE does not downsample (vae.py)
 REPORT_NAME = "toyworld.json"
 
@@ -87,54 +87,6 @@ class BaseConfig:
 
 
 # -- components --------------------------------------------------------------------
-
-
-def tokenizer_word_order(words: tuple[str, ...] | list[str]) -> list[str]:
-    """An order of `words` in which tuneqdm.testing.write_clip_tokenizer_files makes
-    every word a single token.
-
-    That function adds each word's merges left to right, so a merge of an earlier word
-    ("t r" of "triangle") can split a later one ("s t r i p e d"). Longest words first,
-    then moving words that still split to the front, reaches a fixed point quickly.
-    """
-    from transformers import CLIPTokenizer
-
-    from tuneqdm.testing import write_clip_tokenizer_files
-
-    order = sorted(dict.fromkeys(words), key=lambda w: (-len(w), w))
-    for _ in range(20):
-        with tempfile.TemporaryDirectory() as folder:
-            write_clip_tokenizer_files(folder, order, max_length=MAX_TOKENS)
-            tokenizer = CLIPTokenizer.from_pretrained(folder)
-            split = [w for w in order if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
-        if not split:
-            return order
-        order = split + [w for w in order if w not in split]
-    raise RuntimeError(f"no word order makes these single tokens: {split}")
-
-
-def build_tokenizer(folder: str | Path):
-    """Write the world's CLIP tokenizer files to `folder` and load them."""
-    from transformers import CLIPTokenizer
-
-    from tuneqdm.testing import write_clip_tokenizer_files
-
-    write_clip_tokenizer_files(folder, tokenizer_word_order(VOCABULARY), max_length=MAX_TOKENS)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    if len(tokenizer) < 256 or tokenizer.model_max_length != MAX_TOKENS:
-        raise RuntimeError(f"tokenizer at {folder} loaded wrong ({len(tokenizer)} tokens)")
-    return tokenizer
-
-
-def build_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
 
 
 def build_unet(block_out_channels: tuple[int, ...] = (16, 32, 64, 64), attention_levels: int = 2):
@@ -188,12 +140,6 @@ def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """(B, 3, H, W) float32 in [-1, 1] from a list of (H, W, 3) uint8 arrays."""
     array = np.stack(images).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """(B, MAX_TOKENS) int64 ids, padded as StableDiffusionPipeline pads."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:

@@ -13,8 +13,6 @@ import torch
 from toyworld.base import (
     REPORT_NAME,
     BaseConfig,
-    build_text_encoder,
-    build_tokenizer,
     build_unet,
     colour_accuracy,
     generate,
@@ -24,6 +22,7 @@ from toyworld.base import (
     train_base,
 )
 from toyworld.split import held_out_scenes
+from toyworld.text import build_text_encoder, build_tokenizer
 from toyworld.vae import COLOUR_TO_LATENT
 from toyworld.world import IMAGE_SIZE, RARE_TOKENS, VOCABULARY, caption, render, sample_scene
 
