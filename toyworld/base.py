@@ -288,17 +288,23 @@ def train_base(config: BaseConfig, out: str | Path, log=print) -> dict:
     return report
 
 
+def resume_folder(config: BaseConfig) -> Path:
+    """config.resume_from as a Path; ValueError naming the flag if train_base did not
+    save a base there."""
+    folder = Path(config.resume_from)
+    if not (folder / REPORT_NAME).is_file():
+        raise ValueError(f"--resume-from {folder}: not a toy-world base "
+                         f"(no {REPORT_NAME} in it; train_base saves one)")
+    return folder
+
+
 def _components(config: BaseConfig):
     """(tokenizer, text_encoder, vae, unet, scheduler): built fresh, or loaded from
     config.resume_from (a folder train_base saved)."""
     if config.resume_from:
         from diffusers import StableDiffusionPipeline
 
-        folder = Path(config.resume_from)
-        if not (folder / REPORT_NAME).is_file():
-            raise FileNotFoundError(f"--resume-from {folder}: not a toy-world base "
-                                    f"(no {REPORT_NAME}; train_base saves one)")
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+        pipe = StableDiffusionPipeline.from_pretrained(str(resume_folder(config)))
         return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, build_scheduler()
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = build_tokenizer(folder)

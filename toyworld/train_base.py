@@ -17,9 +17,8 @@ import os
 import sys
 import time
 from dataclasses import fields, replace
-from pathlib import Path
 
-from .base import REPORT_NAME, BaseConfig, train_base
+from .base import BaseConfig, resume_folder, train_base
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= config.high_noise_from < 1000:
         raise SystemExit("--high-noise-from must be a timestep in [0, 999], "
                          f"got {config.high_noise_from}")
-    if config.resume_from and not (Path(config.resume_from) / REPORT_NAME).is_file():
-        raise SystemExit(f"--resume-from {config.resume_from}: not a toy-world base "
-                         f"(no {REPORT_NAME} in it; train_base saves one)")
+    if config.resume_from:
+        try:
+            resume_folder(config)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     start = time.perf_counter()
 
     def log(message: str) -> None:
