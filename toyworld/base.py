@@ -73,6 +73,10 @@ class BaseConfig:
     # Object pixels (grown by 1 px) weigh 1 + this in the loss: objects cover 10-15% of
     # an image, and with equal weights the background drowns them out.
     object_loss_weight: float = 4.0
+    # Object pixels (grown by 1 px) of striped, dotted and checkered objects weigh this
+    # much more again (stage 3): a pattern is a small share of the loss next to colour,
+    # shape and place, and no earlier stage learnt to draw one.
+    pattern_loss_weight: float = 0.0
     # This fraction of each batch draws its timestep from [high_noise_from, 1000)
     # instead of uniformly (sample_timesteps says why).
     high_noise_fraction: float = 0.0
@@ -155,22 +159,32 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 @torch.no_grad()
 def encode_dataset(vae, scenes: list[Scene], batch_size: int = 256):
-    """Latent means and stds, (N, 4, 32, 32) float32, and object masks, (N, 1, 32, 32)
-    bool, of the scenes' renderings."""
+    """Latent means and stds, (N, 4, 32, 32) float32, and masks, (N, 2, 32, 32) bool, of
+    the scenes' renderings: channel 0 the object, channel 1 the object if it has a
+    pattern (striped, dotted, checkered), else empty."""
     means, stds, masks = [], [], []
     for start in range(0, len(scenes), batch_size):
         renderings = [render(s) for s in scenes[start:start + batch_size]]
         posterior = vae.encode(images_to_tensor([r.image for r in renderings])).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
-        masks.append(torch.from_numpy(np.stack([r.object_mask for r in renderings]))[:, None])
+        masks.append(torch.from_numpy(np.stack(
+            [np.stack([r.object_mask, r.object_mask & r.pattern_mask.any()])
+             for r in renderings])))
     return torch.cat(means), torch.cat(stds), torch.cat(masks)
 
 
-def object_weights(masks: torch.Tensor, weight: float) -> torch.Tensor:
-    """(B, 1, H, W) per-pixel loss weights: 1, plus `weight` on the object grown by 1 px."""
+def object_weights(masks: torch.Tensor, weight: float,
+                   pattern_weight: float = 0.0) -> torch.Tensor:
+    """(B, 1, H, W) per-pixel loss weights from `masks` (B, 2, H, W) as encode_dataset
+    makes them: 1, plus `weight` on the object grown by 1 px, plus `pattern_weight` on
+    a patterned object grown by 1 px. With pattern_weight 0 the weights are exactly
+    those of the bases trained before it existed."""
     grown = torch.nn.functional.max_pool2d(masks.float(), 3, stride=1, padding=1)
-    return 1.0 + weight * grown
+    weights = 1.0 + weight * grown[:, :1]
+    if pattern_weight:
+        weights = weights + pattern_weight * grown[:, 1:]
+    return weights
 
 
 def sample_timesteps(config: BaseConfig, total: int, generator: torch.Generator) -> torch.Tensor:
@@ -203,7 +217,7 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latents, latent_std
                    generator: torch.Generator, log=print, progress=None):
     """Train UNet and text encoder jointly (v-prediction loss); return (EMA unet, EMA text
     encoder, losses). `latents`/`latent_stds` are scaled (unit RMS), (N, 4, 32, 32);
-    `masks` (N, 1, 32, 32) weight the loss on object pixels (config.object_loss_weight).
+    `masks` (N, 2, 32, 32) weight the loss on object pixels (object_weights).
     `progress(ema_unet, ema_text)`, if given, runs every config.progress_every steps
     (it must not touch `rng` or `generator`) and its result is logged."""
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
@@ -227,7 +241,8 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, latents, latent_std
         captions = [training_caption(scenes[int(i)], rng, dropout) for i in index]
         hidden = text_encoder(tokenize(tokenizer, captions))[0]  # (B, MAX_TOKENS, 64)
         prediction = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
-        weights = object_weights(masks[index], config.object_loss_weight)  # (B, 1, 32, 32)
+        weights = object_weights(masks[index], config.object_loss_weight,
+                                 config.pattern_loss_weight)  # (B, 1, 32, 32)
         loss = (weights * (prediction - target) ** 2).mean() / weights.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

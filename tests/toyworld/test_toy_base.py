@@ -15,9 +15,11 @@ from toyworld.base import (
     BaseConfig,
     build_unet,
     colour_accuracy,
+    encode_dataset,
     generate,
     held_out_prompts,
     images_to_tensor,
+    object_weights,
     sample_timesteps,
     train_base,
 )
@@ -184,3 +186,22 @@ def test_sample_timesteps_moves_the_chosen_fraction_to_high_noise():
     everything = sample_timesteps(replace(high, high_noise_fraction=1.0), 1000,
                                   torch.Generator().manual_seed(3))
     assert everything.min() >= 900
+
+
+def test_object_weights_add_the_pattern_weight_on_patterned_objects_only():
+    from toyworld.vae import build_vae
+
+    scenes = [sample_scene(np.random.default_rng(0), pattern="plain"),
+              sample_scene(np.random.default_rng(1), pattern="dotted")]
+    _, _, masks = encode_dataset(build_vae(), scenes)
+    assert masks.shape == (2, 2, IMAGE_SIZE, IMAGE_SIZE) and masks.dtype == torch.bool
+    objects = [torch.from_numpy(render(scene).object_mask) for scene in scenes]
+    assert torch.equal(masks[0, 0], objects[0]) and not masks[0, 1].any()
+    assert torch.equal(masks[1, 0], objects[1]) and torch.equal(masks[1, 1], objects[1])
+    old = object_weights(masks, 4.0)  # pattern weight 0: the weights of earlier bases
+    grown = torch.nn.functional.max_pool2d(masks[:, :1].float(), 3, stride=1, padding=1)
+    assert torch.equal(old, 1.0 + 4.0 * grown)
+    new = object_weights(masks, 4.0, pattern_weight=8.0)
+    assert torch.equal(new[0], old[0])  # a plain object weighs as before
+    assert set(new[1].unique().tolist()) == {1.0, 13.0}  # background 1, object 1 + 4 + 8
+    assert torch.equal(new[1] > 1, old[1] > 1)
