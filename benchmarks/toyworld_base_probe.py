@@ -13,8 +13,15 @@
    and denoised from there with their caption (guidance 4, the 25-step grid): the
    fraction whose pattern (metrics.classify_pattern) survives, per t0. The VAE is
    exact (also printed), so a loss here is the UNet's.
+4. pattern word: the same, from t0 = 399 and 599, with the caption's pattern word
+   kept, swapped (striped -> dotted -> checkered -> striped) or dropped: how often the
+   image's own pattern, the caption's and plain are read back.
 
-docs/toyworld.md ("Why patterns and positions failed") has the numbers.
+--anchor image renders the probes' scenes with patterns on the image's grid, the
+variant world of benchmarks/toyworld_pattern_probe.py.
+
+docs/toyworld.md ("Why patterns and positions failed", "Patterns: what a short
+extra stage can and cannot teach") has the numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import toyworld.world as world
 from toyworld.base import colour_accuracy, images_to_tensor
 from toyworld.metrics import analyse, classify_pattern
 from toyworld.split import held_out_scenes
@@ -82,35 +91,76 @@ def position_sensitivity(pipe, draws: int = 8) -> dict:
 
 
 @torch.no_grad()
+def _patterned_scenes(count: int):
+    return [s for s in held_out_scenes(4 * count, seed=11) if s.pattern != "plain"][:count]
+
+
+@torch.no_grad()
+def _denoise_from(pipe, clean: torch.Tensor, captions: list[str], start: int):
+    """(images (N, 32, 32, 3) uint8, first timestep): `clean` latents (N, 4, 32, 32)
+    noised to the 25-step DDIM grid's last timestep <= start, then denoised with
+    `captions` (guidance 4)."""
+    count, scaling = len(captions), pipe.vae.config.scaling_factor
+    hidden = pipe.text_encoder(tokenize(pipe.tokenizer, captions))[0]
+    empty = pipe.text_encoder(tokenize(pipe.tokenizer, [""] * count))[0]
+    pipe.scheduler.set_timesteps(25)
+    steps = [t for t in pipe.scheduler.timesteps.tolist() if t <= start]
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    x = pipe.scheduler.add_noise(clean * scaling, noise, torch.full((count,), steps[0]))
+    for t in steps:
+        v = pipe.unet(torch.cat([x, x]), torch.full((2 * count,), t),
+                      encoder_hidden_states=torch.cat([empty, hidden])).sample
+        v_uncond, v_cond = v.chunk(2)
+        x = pipe.scheduler.step(v_uncond + 4.0 * (v_cond - v_uncond), t, x).prev_sample
+    images = ((pipe.vae.decode(x / scaling).sample.clamp(-1, 1) + 1) * 127.5).round()
+    return images.permute(0, 2, 3, 1).numpy().astype(np.uint8), steps[0]
+
+
+@torch.no_grad()
 def pattern_recovery(pipe, starts=(100, 250, 400, 600, 800), count: int = 48) -> dict:
     """Per start timestep: colour_accuracy (pattern, position, shape, both colours) of
     patterned held-out renderings noised to it and denoised with their captions."""
-    scenes = [s for s in held_out_scenes(4 * count, seed=11) if s.pattern != "plain"][:count]
+    scenes = _patterned_scenes(count)
     captions = [caption(s) for s in scenes]
-    scaling = pipe.vae.config.scaling_factor
     clean = pipe.vae.encode(images_to_tensor([render(s).image for s in scenes])).latent_dist.mean
     decoded = pipe.vae.decode(clean).sample
     exact = ((decoded.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
     vae_ok = np.mean([classify_pattern(*_masks(im)) == s.pattern
                       for im, s in zip(exact.astype(np.uint8), scenes, strict=True)])
-    hidden = pipe.text_encoder(tokenize(pipe.tokenizer, captions))[0]
-    empty = pipe.text_encoder(tokenize(pipe.tokenizer, [""] * count))[0]
     results = {"vae_reconstruction_pattern": float(vae_ok)}
     for start in starts:
-        pipe.scheduler.set_timesteps(25)
-        steps = [t for t in pipe.scheduler.timesteps.tolist() if t <= start]
-        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
-        x = pipe.scheduler.add_noise(clean * scaling, noise, torch.full((count,), steps[0]))
-        for t in steps:
-            v = pipe.unet(torch.cat([x, x]), torch.full((2 * count,), t),
-                          encoder_hidden_states=torch.cat([empty, hidden])).sample
-            v_uncond, v_cond = v.chunk(2)
-            x = pipe.scheduler.step(v_uncond + 4.0 * (v_cond - v_uncond), t, x).prev_sample
-        images = ((pipe.vae.decode(x / scaling).sample.clamp(-1, 1) + 1) * 127.5).round()
-        images = images.permute(0, 2, 3, 1).numpy().astype(np.uint8)
+        images, first = _denoise_from(pipe, clean, captions, start)
         accuracy = colour_accuracy(list(images), captions)
-        results[f"from_t{steps[0]}"] = {k: round(accuracy[k], 3) for k in
-                                        ("pattern", "position", "shape", "both_colours")}
+        results[f"from_t{first}"] = {k: round(accuracy[k], 3) for k in
+                                     ("pattern", "position", "shape", "both_colours")}
+    return results
+
+
+SWAPPED = {"striped": "dotted", "dotted": "checkered", "checkered": "striped"}
+
+
+@torch.no_grad()
+def pattern_word(pipe, starts=(400, 600), count: int = 48) -> dict:
+    """Does the UNet draw the pattern a caption names? Patterned held-out renderings
+    noised to each start and denoised with their own caption ("own"), with the
+    pattern word swapped (SWAPPED) or with no pattern word ("plain"): the fractions
+    read back as the image's own pattern, as the caption's, and as plain."""
+    scenes = _patterned_scenes(count)
+    clean = pipe.vae.encode(images_to_tensor([render(s).image for s in scenes])).latent_dist.mean
+    results = {}
+    for label, patterns in (("own", [s.pattern for s in scenes]),
+                            ("swapped", [SWAPPED[s.pattern] for s in scenes]),
+                            ("plain", ["plain"] * count)):
+        captions = [caption(replace(s, pattern=p)) for s, p in zip(scenes, patterns, strict=True)]
+        for start in starts:
+            images, first = _denoise_from(pipe, clean, captions, start)
+            read = [classify_pattern(*_masks(image)) for image in images]
+            results[f"{label}_t{first}"] = {
+                "image_pattern": round(float(np.mean(
+                    [r == s.pattern for r, s in zip(read, scenes, strict=True)])), 3),
+                "caption_pattern": round(float(np.mean(
+                    [r == p for r, p in zip(read, patterns, strict=True)])), 3),
+                "plain": round(float(np.mean([r == "plain" for r in read])), 3)}
     return results
 
 
@@ -125,13 +175,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="saved toy-world bases")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--anchor", choices=("box", "image"), default="box",
+                        help="image: render patterns on the image's grid, as "
+                             "toyworld_pattern_probe.py --anchor image trains them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.anchor == "image":
+        world.box_origin = lambda centre_x, centre_y, size: (0, 0)
     for path in args.paths:
         pipe = StableDiffusionPipeline.from_pretrained(path)
         pipe.set_progress_bar_config(disable=True)
         report = {"base": path, "text": text_sensitivity(pipe),
-                  "position": position_sensitivity(pipe), "pattern": pattern_recovery(pipe)}
+                  "position": position_sensitivity(pipe), "pattern": pattern_recovery(pipe),
+                  "pattern_word": pattern_word(pipe)}
         print(json.dumps(report), flush=True)
     return 0
 
