@@ -14,6 +14,10 @@ steps, cosine to 5%), 30% of each batch at t >= 900 so position is kept, with ei
   at the image's pixel (0, 0) instead of the object's box corner, so the stripes of
   every object lie on the same 4-px grid and the UNet need not work out their phase
   from the object's outline; or
+- `--attention-levels K`: cross-attention on K levels instead of the base's (3: also
+  at 16 px, where a 4-px period is still two cells, so pattern words reach a level
+  that can draw them by place); the base's weights are kept and each new attention
+  block starts as the identity (its output projection zeroed); or
 - `--anchor random`: a VARIANT world whose patterns start at a random phase (0-3 px
   in x and y) in every image, so the phase is not a function of anything the UNet
   sees and a denoiser can only take it from the noisy image itself.
@@ -44,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import toyworld.world as world
-from toyworld.base import BaseConfig, train_base
+from toyworld.base import REPORT_NAME, BaseConfig, build_unet, train_base
 from toyworld.evaluate import colour_accuracy, generate, held_out_prompts
 from toyworld.metrics import analyse, classify_pattern
 
@@ -66,6 +70,44 @@ def pattern_confusion(path: str, images: int = 128) -> dict[str, dict[str, int]]
     return {"accuracy": accuracy, "confusion": {k: dict(v) for k, v in sorted(counts.items())}}
 
 
+def with_attention_levels(base: str, levels: int, folder: str) -> str:
+    """Save `base` with its UNet rebuilt to have cross-attention on `levels` levels into
+    `folder` (returned): every weight of the base kept, the new attention blocks
+    initialised so that they pass their input through unchanged."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    old = pipe.unet
+    current = sum(kind.startswith("CrossAttn") for kind in old.config.down_block_types)
+    if levels <= current:
+        raise SystemExit(f"--attention-levels {levels}: the base already has {current}")
+    torch.manual_seed(0)
+    new = build_unet(tuple(old.config.block_out_channels), levels)
+    missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+    if unexpected or not all(".attentions." in key for key in missing):
+        raise RuntimeError(f"unexpected layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    added = sorted({key.split(".attentions.")[0] + ".attentions." + key.split(".")[3]
+                    for key in missing})
+    with torch.no_grad():
+        for name in added:  # Transformer2DModel: out = proj_out(...) + input
+            block = new.get_submodule(name)
+            block.proj_out.weight.zero_()
+            block.proj_out.bias.zero_()
+    sample = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        gap = (new(sample, 500, hidden).sample - old(sample, 500, hidden).sample).abs().max()
+    if gap > 1e-5:
+        raise RuntimeError(f"the rebuilt UNet is not the base's: max difference {gap}")
+    pipe.unet = new
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(Path(base) / REPORT_NAME, Path(folder) / REPORT_NAME)
+    print(f"added cross-attention: {', '.join(added)}", flush=True)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("base", help="a saved toy-world base to continue")
@@ -73,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--pattern-loss-weight", type=float, default=0.0)
     parser.add_argument("--anchor", choices=("box", "image", "random"), default="box")
+    parser.add_argument("--attention-levels", type=int, default=0,
+                        help="rebuild the base's UNet with cross-attention on this many "
+                             "levels first (0: keep it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -86,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         phases = np.random.default_rng(12345)
         world.box_origin = lambda centre_x, centre_y, size: tuple(
             int(v) for v in phases.integers(4, size=2))
-    config = replace(BaseConfig(), resume_from=args.base, steps=args.steps, lr=3e-4,
+    start = args.base
+    if args.attention_levels:
+        start = with_attention_levels(args.base, args.attention_levels, args.out + ".init")
+    config = replace(BaseConfig(), resume_from=start, steps=args.steps, lr=3e-4,
                      warmup_steps=100, high_noise_fraction=0.3, high_noise_from=900,
                      pattern_loss_weight=args.pattern_loss_weight, threads=args.threads,
                      progress_every=500, log_every=250)
@@ -109,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "command": sys.argv, "anchor": args.anchor, "steps": args.steps,
-            "pattern_loss_weight": args.pattern_loss_weight, "quick_checks": checks,
+            "pattern_loss_weight": args.pattern_loss_weight,
+            "attention_levels": args.attention_levels, "quick_checks": checks,
             "train_s": report["timings"]["train_s"], **rows}, indent=2) + "\n")
     return 0
 
