@@ -18,6 +18,8 @@ steps, cosine to 5%), 30% of each batch at t >= 900 so position is kept, with ei
   at 16 px, where a 4-px period is still two cells, so pattern words reach a level
   that can draw them by place); the base's weights are kept and each new attention
   block starts as the identity (its output projection zeroed); or
+- `--period 8`: a VARIANT world whose patterns have a period of 8 px (4-px bands,
+  4x4 dots, 4x4 checks) instead of 4, read back by the metrics at that period; or
 - `--anchor random`: a VARIANT world whose patterns start at a random phase (0-3 px
   in x and y) in every image, so the phase is not a function of anything the UNet
   sees and a denoiser can only take it from the noisy image itself.
@@ -47,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import toyworld.metrics as metrics
 import toyworld.world as world
 from toyworld.base import REPORT_NAME, BaseConfig, build_unet, train_base
 from toyworld.evaluate import colour_accuracy, generate, held_out_prompts
@@ -68,6 +71,30 @@ def pattern_confusion(path: str, images: int = 128) -> dict[str, dict[str, int]]
         counts[wanted][str(classify_pattern(analysis.object_mask, analysis.shade))] += 1
     accuracy = colour_accuracy(generated, prompts)
     return {"accuracy": accuracy, "confusion": {k: dict(v) for k, v in sorted(counts.items())}}
+
+
+def use_period(period: int) -> None:
+    """Make render() draw, and the metrics read, patterns of `period` px (half of it
+    shade: bands, square dots, checks), for this process only."""
+    half = period // 2
+
+    def pattern_mask(pattern, origin_x, origin_y, image_size=world.IMAGE_SIZE):
+        ys, xs = np.mgrid[0:image_size, 0:image_size]
+        lx, ly = (xs - origin_x) % period >= half, (ys - origin_y) % period >= half
+        return {"striped": ly, "dotted": lx & ly, "checkered": lx != ly}.get(
+            pattern, np.zeros((image_size, image_size), dtype=bool))
+
+    def pattern_score(object_mask, shade, pattern):
+        if not object_mask.any():
+            return 0.0
+        shaded = object_mask & shade
+        if pattern == "plain":
+            return float(1.0 - shaded.sum() / object_mask.sum())
+        return max(float(metrics._iou(shaded, object_mask & pattern_mask(pattern, dx, dy)))
+                   for dx in range(period) for dy in range(period))
+
+    world.pattern_mask = metrics.pattern_mask = pattern_mask
+    metrics.pattern_score = pattern_score
 
 
 def with_attention_levels(base: str, levels: int, folder: str) -> str:
@@ -118,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-levels", type=int, default=0,
                         help="rebuild the base's UNet with cross-attention on this many "
                              "levels first (0: keep it)")
+    parser.add_argument("--period", type=int, default=4, choices=(4, 8))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.period != 4:
+        use_period(args.period)
     if args.anchor == "image":
         # render() looks box_origin up at call time: every training image of this run
         # has its pattern on the image's grid.
@@ -158,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "command": sys.argv, "anchor": args.anchor, "steps": args.steps,
             "pattern_loss_weight": args.pattern_loss_weight,
-            "attention_levels": args.attention_levels, "quick_checks": checks,
+            "attention_levels": args.attention_levels, "period": args.period,
+            "quick_checks": checks,
             "train_s": report["timings"]["train_s"], **rows}, indent=2) + "\n")
     return 0
 
