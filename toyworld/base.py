@@ -74,8 +74,8 @@ class BaseConfig:
     # an image, and with equal weights the background drowns them out.
     object_loss_weight: float = 4.0
     # Object pixels (grown by 1 px) of striped, dotted and checkered objects weigh this
-    # much more again (stage 3): a pattern is a small share of the loss next to colour,
-    # shape and place, and no earlier stage learnt to draw one.
+    # much more again: tried as a third stage for patterns, which no stage learnt to
+    # draw; it did not help (docs/toyworld.md, "Patterns: what a short extra stage...").
     pattern_loss_weight: float = 0.0
     # This fraction of each batch draws its timestep from [high_noise_from, 1000)
     # instead of uniformly (sample_timesteps says why).
