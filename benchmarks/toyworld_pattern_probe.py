@@ -76,25 +76,7 @@ def pattern_confusion(path: str, images: int = 128) -> dict[str, dict[str, int]]
 def use_period(period: int) -> None:
     """Make render() draw, and the metrics read, patterns of `period` px (half of it
     shade: bands, square dots, checks), for this process only."""
-    half = period // 2
-
-    def pattern_mask(pattern, origin_x, origin_y, image_size=world.IMAGE_SIZE):
-        ys, xs = np.mgrid[0:image_size, 0:image_size]
-        lx, ly = (xs - origin_x) % period >= half, (ys - origin_y) % period >= half
-        return {"striped": ly, "dotted": lx & ly, "checkered": lx != ly}.get(
-            pattern, np.zeros((image_size, image_size), dtype=bool))
-
-    def pattern_score(object_mask, shade, pattern):
-        if not object_mask.any():
-            return 0.0
-        shaded = object_mask & shade
-        if pattern == "plain":
-            return float(1.0 - shaded.sum() / object_mask.sum())
-        return max(float(metrics._iou(shaded, object_mask & pattern_mask(pattern, dx, dy)))
-                   for dx in range(period) for dy in range(period))
-
-    world.pattern_mask = metrics.pattern_mask = pattern_mask
-    metrics.pattern_score = pattern_score
+    world.PATTERN_PERIOD = metrics.PATTERN_PERIOD = period
 
 
 def with_attention_levels(base: str, levels: int, folder: str) -> str:

@@ -52,6 +52,7 @@ from .world import (
     COLOUR_NAMES,
     COLOURS,
     IMAGE_SIZE,
+    PATTERN_PERIOD,
     PATTERNS,
     POSITION_BOUNDARIES,
     POSITIONS,
@@ -219,7 +220,7 @@ def pattern_score(object_mask: np.ndarray, shade: np.ndarray, pattern: str) -> f
     if pattern == "plain":
         return float(1.0 - shaded.sum() / object_mask.sum())
     return max(float(_iou(shaded, object_mask & pattern_mask(pattern, dx, dy)))
-               for dx in range(4) for dy in range(4))
+               for dx in range(PATTERN_PERIOD) for dy in range(PATTERN_PERIOD))
 
 
 def classify_pattern(object_mask: np.ndarray, shade: np.ndarray) -> str | None:

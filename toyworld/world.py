@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 IMAGE_SIZE = 32
+# Patterns repeat every PATTERN_PERIOD px, half of it in the shade (pattern_mask).
+PATTERN_PERIOD = 4
 
 # name -> (main RGB, shade RGB). Shades are 0.6x the main value (black: a grey).
 COLOURS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
@@ -170,18 +172,20 @@ def shape_mask(shape: str, centre_x: float, centre_y: float, size: float,
 
 def pattern_mask(pattern: str, origin_x: int, origin_y: int,
                  image_size: int = IMAGE_SIZE) -> np.ndarray:
-    """(image_size, image_size) bool: where `pattern` paints the shade, period 4 px,
-    anchored at pixel (origin_x, origin_y) (the object's box corner)."""
+    """(image_size, image_size) bool: where `pattern` paints the shade, period
+    PATTERN_PERIOD (4 px), anchored at pixel (origin_x, origin_y) (the object's box
+    corner)."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern={pattern!r}; allowed: {', '.join(PATTERNS)}")
     ys, xs = np.mgrid[0:image_size, 0:image_size]
-    lx, ly = (xs - origin_x) % 4, (ys - origin_y) % 4
+    half = PATTERN_PERIOD // 2
+    lx, ly = (xs - origin_x) % PATTERN_PERIOD, (ys - origin_y) % PATTERN_PERIOD
     if pattern == "striped":  # horizontal bands, 2 px shade, 2 px main
-        return ly >= 2
+        return ly >= half
     if pattern == "dotted":  # 2x2 dots
-        return (lx >= 2) & (ly >= 2)
+        return (lx >= half) & (ly >= half)
     if pattern == "checkered":  # 2x2 cells
-        return (lx >= 2) != (ly >= 2)
+        return (lx >= half) != (ly >= half)
     return np.zeros((image_size, image_size), dtype=bool)
 
 
