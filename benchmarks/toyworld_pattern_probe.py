@@ -6,7 +6,9 @@
         --out /tmp/grid --steps 1500 --anchor image
 
 Continues BASE (toyworld.train_base --resume-from) for --steps at lr 3e-4 (100 warm-up
-steps, cosine to 5%), 30% of each batch at t >= 900 so position is kept, with either
+steps, cosine to 5%), 30% of each batch at t >= 900 so position is kept, or with
+`--from-scratch` trains a new base with the two stages of scripts/train_toyworld_base.sh
+(83 minutes; BASE is then only compared with), with either
 
 - `--pattern-loss-weight W`: the object pixels of patterned objects weigh W more in
   the loss (BaseConfig.pattern_loss_weight), in the committed world; or
@@ -122,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("base", help="a saved toy-world base to continue")
     parser.add_argument("--out", required=True, help="folder for the continued base")
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train a new base in the (variant) world with the two stages of "
+                             "scripts/train_toyworld_base.sh instead of continuing BASE, "
+                             "which is then only the row it is compared with")
     parser.add_argument("--pattern-loss-weight", type=float, default=0.0)
     parser.add_argument("--anchor", choices=("box", "image", "random"), default="box")
     parser.add_argument("--attention-levels", type=int, default=0,
@@ -157,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         if "quick held-out check" in message:
             checks.append(message)
 
+    if args.from_scratch:
+        if args.attention_levels:
+            raise SystemExit("--from-scratch trains the committed architecture; "
+                             "--attention-levels only applies when continuing BASE")
+        # exactly the two stages of scripts/train_toyworld_base.sh
+        stage1 = args.out.rstrip("/") + ".stage1"
+        common = {"threads": args.threads, "pattern_loss_weight": args.pattern_loss_weight}
+        train_base(replace(BaseConfig(), **common), stage1, log=log)
+        config = replace(BaseConfig(), **common, resume_from=stage1, steps=5000, lr=5e-4,
+                         high_noise_fraction=0.5, high_noise_from=900)
     report = train_base(config, args.out, log=log)
     torch.set_num_threads(args.threads)
     rows = {"before": pattern_confusion(args.base), "after": pattern_confusion(args.out)}
@@ -168,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{acc['position']:9.3f}  {row['confusion']}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "command": sys.argv, "anchor": args.anchor, "steps": args.steps,
+            "command": sys.argv, "anchor": args.anchor, "from_scratch": args.from_scratch,
+            "steps": "8000 + 5000" if args.from_scratch else args.steps,
             "pattern_loss_weight": args.pattern_loss_weight,
             "attention_levels": args.attention_levels, "period": args.period,
             "quick_checks": checks,
