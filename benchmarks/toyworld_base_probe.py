@@ -17,8 +17,8 @@
    kept, swapped (striped -> dotted -> checkered -> striped) or dropped: how often the
    image's own pattern, the caption's and plain are read back.
 
---anchor image renders the probes' scenes with patterns on the image's grid, the
-variant world of benchmarks/toyworld_pattern_probe.py.
+--period 4 --anchor box renders the probes' scenes as the first world did (2-px bands
+at each object's corner), for bases trained there (toyworld_pattern_probe.py).
 
 docs/toyworld.md ("Why patterns and positions failed", "Patterns: what a short
 extra stage can and cannot teach") has the numbers.
@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import toyworld.metrics as metrics
 import toyworld.world as world
 from toyworld.base import colour_accuracy, images_to_tensor
 from toyworld.metrics import analyse, classify_pattern
@@ -175,13 +176,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="saved toy-world bases")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--anchor", choices=("box", "image"), default="box",
-                        help="image: render patterns on the image's grid, as "
-                             "toyworld_pattern_probe.py --anchor image trains them")
+    parser.add_argument("--anchor", choices=("box", "image"), default="image",
+                        help="box: anchor patterns at the object's corner, as the "
+                             "first world did")
+    parser.add_argument("--period", type=int, choices=(4, 8), default=world.PATTERN_PERIOD)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.anchor == "image":
-        world.box_origin = lambda centre_x, centre_y, size: (0, 0)
+    world.PATTERN_PERIOD = metrics.PATTERN_PERIOD = args.period
+    if args.anchor == "box":
+        world.pattern_origin = lambda scene: (int(np.floor(scene.centre_x - scene.size / 2)),
+                                              int(np.floor(scene.centre_y - scene.size / 2)))
     for path in args.paths:
         pipe = StableDiffusionPipeline.from_pretrained(path)
         pipe.set_progress_bar_config(disable=True)

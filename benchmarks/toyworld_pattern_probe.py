@@ -3,28 +3,26 @@
     HF_HUB_OFFLINE=1 python benchmarks/toyworld_pattern_probe.py models/toyworld-base \
         --out /tmp/stage3 --steps 2000 --pattern-loss-weight 8
     HF_HUB_OFFLINE=1 python benchmarks/toyworld_pattern_probe.py models/toyworld-base \
-        --out /tmp/grid --steps 1500 --anchor image
+        --out /tmp/first --from-scratch --period 4 --anchor box
 
 Continues BASE (toyworld.train_base --resume-from) for --steps at lr 3e-4 (100 warm-up
 steps, cosine to 5%), 30% of each batch at t >= 900 so position is kept, or with
 `--from-scratch` trains a new base with the two stages of scripts/train_toyworld_base.sh
-(83 minutes; BASE is then only compared with), with either
+(83 minutes; BASE is then only compared with), in the committed world (patterns of
+8-px period on the image's grid, world.py) or a VARIANT of it for this run only:
 
+- `--period 4`: patterns of period 4 px (2-px bands, 2x2 dots and checks), read back
+  by the metrics at that period;
+- `--anchor box`: each pattern anchored at its object's box corner (the first world
+  was `--period 4 --anchor box`), so the UNet must work out the phase from the
+  object's outline; `--anchor random`: a random phase per image, which a denoiser can
+  only take from the noisy image itself;
 - `--pattern-loss-weight W`: the object pixels of patterned objects weigh W more in
-  the loss (BaseConfig.pattern_loss_weight), in the committed world; or
-- `--anchor image`: a VARIANT world for this probe only, whose patterns are anchored
-  at the image's pixel (0, 0) instead of the object's box corner, so the stripes of
-  every object lie on the same 4-px grid and the UNet need not work out their phase
-  from the object's outline; or
+  the loss (BaseConfig.pattern_loss_weight);
 - `--attention-levels K`: cross-attention on K levels instead of the base's (3: also
-  at 16 px, where a 4-px period is still two cells, so pattern words reach a level
-  that can draw them by place); the base's weights are kept and each new attention
-  block starts as the identity (its output projection zeroed); or
-- `--period 8`: a VARIANT world whose patterns have a period of 8 px (4-px bands,
-  4x4 dots, 4x4 checks) instead of 4, read back by the metrics at that period; or
-- `--anchor random`: a VARIANT world whose patterns start at a random phase (0-3 px
-  in x and y) in every image, so the phase is not a function of anything the UNet
-  sees and a denoiser can only take it from the noisy image itself.
+  at 16 px, so pattern words reach a level that can draw them by place); the base's
+  weights are kept and each new attention block starts as the identity (its output
+  projection zeroed).
 
 The metrics read patterns at their best phase, so the same held-out check scores
 every world.
@@ -81,6 +79,21 @@ def use_period(period: int) -> None:
     world.PATTERN_PERIOD = metrics.PATTERN_PERIOD = period
 
 
+def use_anchor(anchor: str) -> None:
+    """Make render() anchor patterns at the image's (0, 0) ("image", the committed
+    world), at each object's box corner ("box") or at a random phase per rendering
+    ("random"), for this process only (render looks world.pattern_origin up per call)."""
+    if anchor == "box":
+        world.pattern_origin = lambda scene: (int(np.floor(scene.centre_x - scene.size / 2)),
+                                              int(np.floor(scene.centre_y - scene.size / 2)))
+    elif anchor == "random":
+        # one uniform phase per rendering, from a generator of its own (the scenes and
+        # the training draws are those of the other runs)
+        phases = np.random.default_rng(12345)
+        world.pattern_origin = lambda scene: tuple(
+            int(v) for v in phases.integers(world.PATTERN_PERIOD, size=2))
+
+
 def with_attention_levels(base: str, levels: int, folder: str) -> str:
     """Save `base` with its UNet rebuilt to have cross-attention on `levels` levels into
     `folder` (returned): every weight of the base kept, the new attention blocks
@@ -129,26 +142,16 @@ def main(argv: list[str] | None = None) -> int:
                              "scripts/train_toyworld_base.sh instead of continuing BASE, "
                              "which is then only the row it is compared with")
     parser.add_argument("--pattern-loss-weight", type=float, default=0.0)
-    parser.add_argument("--anchor", choices=("box", "image", "random"), default="box")
+    parser.add_argument("--anchor", choices=("box", "image", "random"), default="image")
     parser.add_argument("--attention-levels", type=int, default=0,
                         help="rebuild the base's UNet with cross-attention on this many "
                              "levels first (0: keep it)")
-    parser.add_argument("--period", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--period", type=int, default=world.PATTERN_PERIOD, choices=(4, 8))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    if args.period != 4:
-        use_period(args.period)
-    if args.anchor == "image":
-        # render() looks box_origin up at call time: every training image of this run
-        # has its pattern on the image's grid.
-        world.box_origin = lambda centre_x, centre_y, size: (0, 0)
-    elif args.anchor == "random":
-        # one uniform phase per rendering, from a generator of its own (the scenes and
-        # the training draws are those of the other runs)
-        phases = np.random.default_rng(12345)
-        world.box_origin = lambda centre_x, centre_y, size: tuple(
-            int(v) for v in phases.integers(4, size=2))
+    use_period(args.period)
+    use_anchor(args.anchor)
     start = args.base
     if args.attention_levels:
         start = with_attention_levels(args.base, args.attention_levels, args.out + ".init")

@@ -32,7 +32,7 @@ pattern and colour, each in [0, 1], and `score` their mean:
   `shape_iou`; at 32 px a circle and a square overlap with IoU ~0.9, so the IoU alone
   barely separates shapes);
 - pattern: inside the object, the IoU between the pixels drawn in a shade and the
-  subject's pattern mask, best over the pattern's 16 phases (period 4 px); for a plain
+  subject's pattern mask, best over the pattern's 64 phases (period 8 px); for a plain
   subject, 1 - the fraction of object pixels in a shade.
 All three are exactly 1.0 on the renderer's own images of the subject, at any
 position, size, background and scene. An image with no object scores 0.
@@ -219,8 +219,12 @@ def pattern_score(object_mask: np.ndarray, shade: np.ndarray, pattern: str) -> f
     shaded = object_mask & shade
     if pattern == "plain":
         return float(1.0 - shaded.sum() / object_mask.sum())
-    return max(float(_iou(shaded, object_mask & pattern_mask(pattern, dx, dy)))
-               for dx in range(PATTERN_PERIOD) for dy in range(PATTERN_PERIOD))
+    # A phase whose pattern misses the object entirely (a small star between two dots)
+    # would score a plain object 1.0; such a phase never shows the pattern, and the
+    # renderer never draws a patterned object without a shaded pixel.
+    masks = (object_mask & pattern_mask(pattern, dx, dy)
+             for dx in range(PATTERN_PERIOD) for dy in range(PATTERN_PERIOD))
+    return max((float(_iou(shaded, mask)) for mask in masks if mask.any()), default=0.0)
 
 
 def classify_pattern(object_mask: np.ndarray, shade: np.ndarray) -> str | None:

@@ -7,11 +7,18 @@ knows every pixel's role (object, pattern, background), fidelity of generated im
 be measured exactly (metrics.py). This is the project's stand-in for the DreamBooth data
 set of the TuneQDM paper (arXiv 2401.04339, section 4), which cannot be downloaded here.
 
-Why 32x32: a text-to-image base must train on 2 CPU cores in well under an hour, and the
-later comparison trains dozens of fine-tunings. At 32 px with a VAE that downsamples by 2,
-the UNet runs on 16x16x4 latents (a 1.7 M-parameter UNet takes ~0.3 s per batch-32
-training step on one core); 64 px would cost 4x per step. 32 px still leaves room for
-six shapes at 10-14 px and patterns with a 4-px period.
+Why 32x32: a text-to-image base must train on 2 CPU cores in well under two hours, and
+the later comparison trains dozens of fine-tunings. At 32 px the UNet runs on 32x32x4
+latents (the VAE does not downsample, vae.py; a 1.7 M-parameter UNet takes ~0.39 s per
+batch-32 training step on 2 cores); 64 px would cost 4x per step. 32 px still leaves
+room for six shapes at 10-14 px and patterns with an 8-px period (4-px bands, dots and
+checks).
+
+Patterns lie on the image's grid (anchored at pixel (0, 0), not at the object), 8 px a
+period. The first world drew 2-px bands anchored at each object's corner, and no base
+trained here learnt to draw them (pattern accuracy 0.50); coarser patterns on one fixed
+grid line up with the UNet's own 2x downsamplings: a 4-px band is one cell of its 8x8
+level, where the caption enters (docs/toyworld.md, "Patterns").
 
 Colours: each named colour has a main RGB value and a "shade" (darker, or lighter for
 black) used for patterns on objects and for the floor band of a scene. A pixel's colour
@@ -27,7 +34,7 @@ import numpy as np
 
 IMAGE_SIZE = 32
 # Patterns repeat every PATTERN_PERIOD px, half of it in the shade (pattern_mask).
-PATTERN_PERIOD = 4
+PATTERN_PERIOD = 8
 
 # name -> (main RGB, shade RGB). Shades are 0.6x the main value (black: a grey).
 COLOURS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
@@ -170,28 +177,29 @@ def shape_mask(shape: str, centre_x: float, centre_y: float, size: float,
     return _inside_polygon(u, v, _TRIANGLE)
 
 
-def pattern_mask(pattern: str, origin_x: int, origin_y: int,
+def pattern_mask(pattern: str, origin_x: int = 0, origin_y: int = 0,
                  image_size: int = IMAGE_SIZE) -> np.ndarray:
     """(image_size, image_size) bool: where `pattern` paints the shade, period
-    PATTERN_PERIOD (4 px), anchored at pixel (origin_x, origin_y) (the object's box
-    corner)."""
+    PATTERN_PERIOD (8 px), anchored at pixel (origin_x, origin_y) (render: the image's
+    (0, 0); the metrics try every phase)."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern={pattern!r}; allowed: {', '.join(PATTERNS)}")
     ys, xs = np.mgrid[0:image_size, 0:image_size]
     half = PATTERN_PERIOD // 2
     lx, ly = (xs - origin_x) % PATTERN_PERIOD, (ys - origin_y) % PATTERN_PERIOD
-    if pattern == "striped":  # horizontal bands, 2 px shade, 2 px main
+    if pattern == "striped":  # horizontal bands, half a period shade, half main
         return ly >= half
-    if pattern == "dotted":  # 2x2 dots
+    if pattern == "dotted":  # square dots of half a period
         return (lx >= half) & (ly >= half)
-    if pattern == "checkered":  # 2x2 cells
+    if pattern == "checkered":  # square cells of half a period
         return (lx >= half) != (ly >= half)
     return np.zeros((image_size, image_size), dtype=bool)
 
 
-def box_origin(centre_x: float, centre_y: float, size: float) -> tuple[int, int]:
-    """Top-left pixel of an object's box: where its pattern is anchored."""
-    return int(np.floor(centre_x - size / 2)), int(np.floor(centre_y - size / 2))
+def pattern_origin(scene: Scene) -> tuple[int, int]:
+    """Pixel (x, y) where `scene`'s pattern is anchored: the image's (0, 0), so every
+    pattern lies on one fixed grid (module doc)."""
+    return 0, 0
 
 
 def render(scene: Scene) -> Rendering:
@@ -202,8 +210,7 @@ def render(scene: Scene) -> Rendering:
     if scene.scene == "floor":
         image[FLOOR_TOP:] = shade_bg
     obj = shape_mask(scene.shape, scene.centre_x, scene.centre_y, scene.size)
-    shade = obj & pattern_mask(scene.pattern, *box_origin(scene.centre_x, scene.centre_y,
-                                                          scene.size))
+    shade = obj & pattern_mask(scene.pattern, *pattern_origin(scene))
     main_obj, shade_obj = COLOURS[scene.colour]
     image[obj] = main_obj
     image[shade] = shade_obj

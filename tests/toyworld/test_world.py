@@ -49,7 +49,7 @@ def test_rendering_is_deterministic_and_pinned():
     assert first.image.dtype == np.uint8 and first.image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     assert np.array_equal(first.image, second.image)
     # Pinned bytes: a change here changes every image the base was trained on.
-    assert hashlib.sha256(first.image.tobytes()).hexdigest()[:16] == "16b0b939244575ff"
+    assert hashlib.sha256(first.image.tobytes()).hexdigest()[:16] == "39f31d66e3cadf69"
     assert _scenes(50, seed=3) == _scenes(50, seed=3)
     assert _scenes(50, seed=3) != _scenes(50, seed=4)
 
@@ -70,7 +70,8 @@ def test_ground_truth_matches_pixels():
         if scene.pattern == "plain":
             assert not r.pattern_mask.any()
         else:
-            assert 0.15 < r.pattern_mask.sum() / r.object_mask.sum() < 0.7
+            # 8-px period on the image's grid: a small dotted star may hold one dot
+            assert 0.04 < r.pattern_mask.sum() / r.object_mask.sum() < 0.7
         # the object stays inside the image and near its position's centre
         x, y = r.centroid
         px, py = POSITIONS[scene.position]
