@@ -132,6 +132,19 @@ def with_attention_levels(base: str, levels: int, folder: str) -> str:
     return folder
 
 
+def train_stage1(args: argparse.Namespace, log) -> BaseConfig:
+    """--from-scratch: train stage 1 of scripts/train_toyworld_base.sh into OUT.stage1
+    and return the script's stage-2 config that continues it."""
+    if args.attention_levels:
+        raise SystemExit("--from-scratch trains the committed architecture; "
+                         "--attention-levels only applies when continuing BASE")
+    stage1 = args.out.rstrip("/") + ".stage1"
+    common = {"threads": args.threads, "pattern_loss_weight": args.pattern_loss_weight}
+    train_base(replace(BaseConfig(), **common), stage1, log=log)
+    return replace(BaseConfig(), **common, resume_from=stage1, steps=5000, lr=5e-4,
+                   high_noise_fraction=0.5, high_noise_from=900)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("base", help="a saved toy-world base to continue")
@@ -167,15 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             checks.append(message)
 
     if args.from_scratch:
-        if args.attention_levels:
-            raise SystemExit("--from-scratch trains the committed architecture; "
-                             "--attention-levels only applies when continuing BASE")
-        # exactly the two stages of scripts/train_toyworld_base.sh
-        stage1 = args.out.rstrip("/") + ".stage1"
-        common = {"threads": args.threads, "pattern_loss_weight": args.pattern_loss_weight}
-        train_base(replace(BaseConfig(), **common), stage1, log=log)
-        config = replace(BaseConfig(), **common, resume_from=stage1, steps=5000, lr=5e-4,
-                         high_noise_fraction=0.5, high_noise_from=900)
+        config = train_stage1(args, log)
     report = train_base(config, args.out, log=log)
     torch.set_num_threads(args.threads)
     rows = {"before": pattern_confusion(args.base), "after": pattern_confusion(args.out)}
