@@ -39,7 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import toyworld.metrics as metrics
+from toyworld_pattern_probe import use_anchor, use_period
+
 import toyworld.world as world
 from toyworld.base import colour_accuracy, images_to_tensor
 from toyworld.metrics import analyse, classify_pattern
@@ -182,10 +183,8 @@ def main() -> int:
     parser.add_argument("--period", type=int, choices=(4, 8), default=world.PATTERN_PERIOD)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    world.PATTERN_PERIOD = metrics.PATTERN_PERIOD = args.period
-    if args.anchor == "box":
-        world.pattern_origin = lambda scene: (int(np.floor(scene.centre_x - scene.size / 2)),
-                                              int(np.floor(scene.centre_y - scene.size / 2)))
+    use_period(args.period)  # the variant worlds of toyworld_pattern_probe.py
+    use_anchor(args.anchor)
     for path in args.paths:
         pipe = StableDiffusionPipeline.from_pretrained(path)
         pipe.set_progress_bar_config(disable=True)

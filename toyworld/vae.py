@@ -35,9 +35,8 @@ def build_vae():
     Why not a trained, downsampling VAE: small AutoencoderKLs (0.16-0.6 M parameters,
     factor 2) trained for 10-15 CPU minutes here reconstructed only ~95% of pixels to
     the right palette colour and lost most of the first world's 2-px patterns (pattern
-    score of their reconstructions 0.40-0.44), which would cap subject fidelity.
-    Factor 1 makes the UNet run at 32x32 (four levels instead of three: ~1.2x the
-    cost per step).
+    score 0.40-0.44), which would cap subject fidelity. Factor 1 makes the UNet run
+    at 32x32 (four levels instead of three: ~1.2x the cost per step).
     """
     from diffusers import AutoencoderKL
 
