@@ -7,7 +7,7 @@
 
 Continues BASE (toyworld.train_base --resume-from) for --steps at lr 3e-4 (100 warm-up
 steps, cosine to 5%), 30% of each batch at t >= 900 so position is kept, or with
-`--from-scratch` trains a new base with the two stages of scripts/train_toyworld_base.sh
+`--from-scratch` trains a new base with the first two stages of scripts/train_toyworld_base.sh
 (83 minutes; BASE is then only compared with), in the committed world (patterns of
 8-px period on the image's grid, world.py) or a VARIANT of it for this run only:
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the continued base")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--from-scratch", action="store_true",
-                        help="train a new base in the (variant) world with the two stages of "
+                        help="train a new base in the (variant) world with the first two stages of "
                              "scripts/train_toyworld_base.sh instead of continuing BASE, "
                              "which is then only the row it is compared with")
     parser.add_argument("--pattern-loss-weight", type=float, default=0.0)

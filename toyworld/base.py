@@ -53,7 +53,7 @@ REPORT_NAME = "toyworld.json"
 @dataclass(frozen=True)
 class BaseConfig:
     """Settings of `train_base`. Defaults are stage 1 of models/toyworld-base
-    (scripts/train_toyworld_base.sh runs both stages)."""
+    (scripts/train_toyworld_base.sh runs all three stages)."""
 
     seed: int = 0
     # A saved base to continue training (stage 2): its tokenizer, VAE, text encoder and

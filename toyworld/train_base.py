@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 python -m toyworld.train_base --out models/toyworld-base.stage1 --seed 0
 
 is stage 1 of models/toyworld-base; `--resume-from FOLDER` continues a saved base
-(stage 2). scripts/train_toyworld_base.sh runs both stages and reproduces the
+(stages 2 and 3). scripts/train_toyworld_base.sh runs all three and reproduces the
 committed base (same seed and --threads give the same weights on the same software
 versions). See toyworld/base.py for what is trained and docs/toyworld.md for the
 measured time and held-out accuracy.
