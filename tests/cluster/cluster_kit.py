@@ -41,10 +41,20 @@ AGENT_PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-
                     "runtime-env-agent-port")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free on 127.0.0.1 now and never returned before by this process: the OS
+    may hand a just-closed port out again, and a node's components are given their
+    ports before they bind them (Ray refuses a node whose two components share one)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def namespaces_available() -> str | None:
@@ -180,12 +190,12 @@ class LocalCluster:
         """Start workers until `count` are live (a test may have killed some), wait
         until the cluster sees them all; returns the live workers."""
         while len(self.live_workers()) < count:
-            self._check_processes()  # a worker that exited by itself is a failure
+            self.check_processes()  # a worker that exited by itself is a failure
             self.add_worker()
         want = {HEAD_IP, *(node.ip for node in self.live_workers())}
         deadline = time.monotonic() + 240.0
         while True:  # by address: a killed node may still count as alive for a while
-            self._check_processes()
+            self.check_processes()
             with contextlib.suppress(OSError, ValueError):
                 alive = {n["node_ip"] for n in self.nodes() if n["state"] == "ALIVE"}
                 if want <= alive:
@@ -199,7 +209,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         nodes: list[dict] = []
         while time.monotonic() < deadline:
-            self._check_processes()
+            self.check_processes()
             with contextlib.suppress(OSError, ValueError):
                 nodes = [n for n in self.nodes() if n["state"] == "ALIVE"]
                 if len(nodes) >= count:
@@ -207,7 +217,7 @@ class LocalCluster:
             time.sleep(1.0)
         raise TimeoutError(f"{len(nodes)} of {count} nodes alive after {timeout_s} s")
 
-    def _check_processes(self) -> None:
+    def check_processes(self) -> None:
         """Raise if a node this kit started has exited without being killed."""
         for node in [self.head, *self.workers]:
             if node is not None and not node.killed and not node.alive():

@@ -71,6 +71,7 @@ def _wait_replicas(cluster, ips: list[str], timeout_s: float) -> list[str]:
     deadline = time.monotonic() + timeout_s
     placed: list[str] = []
     while time.monotonic() < deadline:
+        cluster.check_processes()  # a node that died by itself: fail with its log
         node_ips = {n["node_id"]: n["node_ip"] for n in cluster.nodes()}
         placed = sorted(node_ips.get(node, "?") for node in _replica_nodes(cluster).values())
         if placed == sorted(ips):
