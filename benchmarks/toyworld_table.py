@@ -8,7 +8,7 @@ measured separately, one fresh process per method. Writes a markdown table (mean
 an image grid (rows: methods, columns: prompts; the top row is the renderer's ground
 truth) and JSON.
 
-    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py            # 8 subjects x 3 seeds, ~70 min
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py            # 8 subjects x 3 seeds, ~77 min
     HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py --quick    # < 5 min
 """
 
@@ -41,6 +41,7 @@ from benchmarks._common import (
 from toyworld.compare import CompareConfig, Method, paper_methods
 from toyworld.stats import mean_ci, paired_test
 from toyworld.subjects import SUBJECTS, get_subject
+from tuneqdm.config import ROUNDINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = ROOT / "models" / "toyworld-base"
@@ -252,6 +253,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rows to run, by key (default: all; e.g. none-n1-fp32 "
                              "full-n1-fp32 peqa-n1-w4 tuneqdm-n4-w4)")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
+                        help="how the quantized rows round (default: nearest, the paper's "
+                             "min/max grid; mse: per-channel clipping search)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true")
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         methods = [Method.from_key(key) for key in dict.fromkeys(args.methods)]
     if args.steps:
         config = replace(config, steps=args.steps)
+    config = replace(config, rounding=args.rounding)
     start = time.perf_counter()
     rows = run_grid(args.base, methods, args.subjects, args.seeds, config, args.workers,
                     grid_subjects=args.subjects)

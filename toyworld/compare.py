@@ -126,6 +126,9 @@ class CompareConfig:
     guidance_scale: float = 4.0
     paper_steps: int = 400  # the paper's recipe (Method.recipe == "paper")
     paper_batch_size: int = 1
+    # how the quantized rows round (tuneqdm.QuantConfig.rounding): "nearest", the
+    # paper's min/max grid, or "mse", a per-channel clipping search
+    rounding: str = "nearest"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,8 +150,10 @@ def with_unet(pipe, unet):
     return tuned
 
 
-def method_unet(float_unet: torch.nn.Module, method: Method) -> torch.nn.Module:
-    """A fresh UNet for `method`: a copy of the float one, quantized where it says."""
+def method_unet(float_unet: torch.nn.Module, method: Method,
+                rounding: str = "nearest") -> torch.nn.Module:
+    """A fresh UNet for `method`: a copy of the float one, quantized where it says
+    (`rounding`: tuneqdm.QuantConfig.rounding)."""
     from tuneqdm import QuantConfig, quantize_
 
     unet = copy.deepcopy(float_unet)
@@ -156,7 +161,8 @@ def method_unet(float_unet: torch.nn.Module, method: Method) -> torch.nn.Module:
         return unet
     kind = "peqa" if method.name in ("peqa", "none") else "tuneqdm"
     experts = 1 if kind == "peqa" else method.num_experts
-    return quantize_(unet, QuantConfig(bits=method.bits, method=kind, num_experts=experts))
+    return quantize_(unet, QuantConfig(bits=method.bits, method=kind, num_experts=experts,
+                                       rounding=rounding))
 
 
 def training_subject(subject: Subject, examples: Path = EXAMPLES):
@@ -206,7 +212,7 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     from tuneqdm.generate import generate
     from tuneqdm.train import finetune
 
-    unet = method_unet(pipe.unet, method)
+    unet = method_unet(pipe.unet, method, config.rounding)
     tuned = with_unet(pipe, unet)
     result = None
     if method.name != "none":

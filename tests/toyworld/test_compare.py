@@ -100,7 +100,7 @@ def test_a_run_learns_the_subject_and_reports_its_costs(pipe):
     for row in (untuned, tuned):
         for key in ("subject_fidelity", "prompt_fidelity", "background", "position"):
             assert 0.0 <= row[key] <= 1.0
-    # the table's seed 0 on the committed base: 0.08 untuned, 0.64 with N=1 and N=4
+    # on the committed base (session 12): 0.02 untuned, 0.75 tuned
     assert tuned["subject_colour"] >= untuned["subject_colour"] + 0.25, (untuned, tuned)
 
 
