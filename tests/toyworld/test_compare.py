@@ -71,12 +71,12 @@ def test_method_unet_copies_and_quantizes_without_touching_the_base(pipe):
 def test_method_unet_rounds_as_the_config_says(pipe):
     # rounding="mse" searches each row's clipping: never a larger weight error than the
     # min/max grid, and smaller on the whole UNet at 3 bits
-    float_weights = dict(pipe.unet.named_modules())
+    float_modules = dict(pipe.unet.named_modules())
     errors = {}
     for rounding in ("nearest", "mse"):
         layers = quantized_layers(method_unet(pipe.unet, Method("peqa", 3), rounding))
         errors[rounding] = {name: (layer.dequantized_weight()
-                                   - float_weights[name].weight).pow(2).sum().item()
+                                   - float_modules[name].weight).pow(2).sum().item()
                             for name, layer in layers.items()}
     assert errors["nearest"].keys() == errors["mse"].keys()
     assert all(errors["mse"][n] <= errors["nearest"][n] * (1 + 1e-5) for n in errors["mse"])
