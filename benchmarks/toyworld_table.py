@@ -38,7 +38,7 @@ from benchmarks._common import (
     rss_bytes,
     write_json,
 )
-from toyworld.compare import CompareConfig, Method, paper_methods
+from toyworld.compare import UNTUNED_METHODS, CompareConfig, Method, paper_methods
 from toyworld.stats import mean_ci, paired_test
 from toyworld.subjects import SUBJECTS, get_subject
 from tuneqdm.config import ROUNDINGS
@@ -128,7 +128,7 @@ def measure_memory(base: Path, methods: list[Method], steps: int) -> dict[str, d
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    trained = [m for m in methods if m.name != "none"]
+    trained = [m for m in methods if m.name not in UNTUNED_METHODS]
     with ThreadPoolExecutor(2) as pool:
         return {r["method"]: r for r in pool.map(one, trained)}
 
@@ -289,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     grid_s = time.perf_counter() - start
     memory = {} if args.no_memory else measure_memory(args.base, methods, args.memory_steps)
     table = markdown_table(summarise(rows, methods, memory), COLUMNS)
-    claims = markdown_table(check_claims(rows, methods), CLAIM_COLUMNS)
+    tested = check_claims(rows, methods)
+    claims = (markdown_table(tested, CLAIM_COLUMNS) if tested
+              else "(none: the rows run do not pair up into any of them)")
     total_s = time.perf_counter() - start
     print(table, claims, sep="\n\n")
     print(f"{len(rows)} runs in {grid_s:.0f} s; total {total_s:.0f} s")

@@ -13,6 +13,8 @@ the renderer's ground truth (metrics.py):
   image shows: its background colour and its position (the 3x3 cell), each 0 or 1.
 
 Methods: no fine-tuning (the float base, and the quantized base with s0 scales),
+the float base told the subject in words instead of its token ("a purple checkered
+star on ...": what it draws when told, a reference for what fine-tuning adds),
 full-precision DreamBooth (all UNet weights), LoRA r=4 on the attention projections,
 PEQA (s_out) and TuneQDM (s_out, s_in, N experts), at 8, 4 and 3 bits. Scale methods
 use one relative learning rate: lr_scale_out = rel_lr * mean(s0), so every bit width
@@ -32,12 +34,13 @@ import numpy as np
 import torch
 
 from .metrics import prompt_fidelity, subject_fidelity
-from .subjects import Subject, evaluation_prompts
+from .subjects import Subject, described_prompts, evaluation_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SCALE_METHODS = ("peqa", "tuneqdm")
 FLOAT_METHODS = ("full", "lora")
+UNTUNED_METHODS = ("none", "words")  # nothing trained
 
 
 RECIPES = ("fast", "paper")
@@ -45,7 +48,8 @@ RECIPES = ("fast", "paper")
 
 @dataclass(frozen=True)
 class Method:
-    """name: "none", "full", "lora", "peqa" or "tuneqdm"; bits None = float UNet.
+    """name: "none", "words", "full", "lora", "peqa" or "tuneqdm"; bits None = float
+    UNet. "words" is the untuned float base prompted with the subject in words.
 
     recipe: "fast" (CompareConfig.steps x batch_size, the base's recipe) or "paper"
     (the paper's 400 steps of batch 1, CompareConfig.paper_steps x paper_batch_size).
@@ -57,14 +61,16 @@ class Method:
     recipe: str = "fast"
 
     def __post_init__(self) -> None:
-        allowed = ("none", *FLOAT_METHODS, *SCALE_METHODS)
+        allowed = (*UNTUNED_METHODS, *FLOAT_METHODS, *SCALE_METHODS)
         if self.name not in allowed:
             raise ValueError(f"Method.name={self.name!r}; allowed: {', '.join(allowed)}")
         if self.name in SCALE_METHODS and self.bits is None:
             raise ValueError(f"method {self.name!r} needs bits")
         if self.name in FLOAT_METHODS and self.bits is not None:
             raise ValueError(f"method {self.name!r} trains a float UNet: bits must be None")
-        if self.recipe not in RECIPES or (self.name == "none" and self.recipe != "fast"):
+        if self.name == "words" and self.bits is not None:
+            raise ValueError("method 'words' prompts the float base: bits must be None")
+        if self.recipe not in RECIPES or (self.name in UNTUNED_METHODS and self.recipe != "fast"):
             raise ValueError(f"Method.recipe={self.recipe!r}; allowed: {', '.join(RECIPES)} "
                              "(fast only for no fine-tuning)")
 
@@ -76,6 +82,8 @@ class Method:
     def _name_label(self) -> str:
         if self.name == "none":
             return "no fine-tuning" + ("" if self.bits is None else f" (W{self.bits})")
+        if self.name == "words":
+            return "no fine-tuning, subject in words"
         if self.name == "full":
             return "full-precision DreamBooth"
         if self.name == "lora":
@@ -99,9 +107,10 @@ class Method:
 
 def paper_methods(bits: tuple[int, ...] = (8, 4, 3),
                   experts: tuple[int, ...] = (1, 4)) -> list[Method]:
-    """The table's rows, in order: the fast recipe, then the paper's recipe (400 steps
-    of batch 1) for full fine-tuning and TuneQDM at 4 bits with the most experts."""
-    rows = [Method("none"), *(Method("none", b) for b in bits),
+    """The table's rows, in order: no fine-tuning (float, in words, quantized), the fast
+    recipe, then the paper's recipe (400 steps of batch 1) for full fine-tuning and
+    TuneQDM at 4 bits with the most experts."""
+    rows = [Method("none"), Method("words"), *(Method("none", b) for b in bits),
             Method("full"), Method("lora")]
     for b in bits:
         rows.append(Method("peqa", b))
@@ -203,7 +212,8 @@ def personal_bytes(method: Method, unet: torch.nn.Module, result) -> int:
 
 def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig,
         examples: Path = EXAMPLES, keep_images: bool = False) -> dict:
-    """Fine-tune (unless "none"), generate the subject's evaluation prompts, score.
+    """Fine-tune (unless "none" or "words"), generate the subject's evaluation prompts
+    (told in words for "words"), score.
 
     Returns a row: means over the images of subject fidelity (and its colour, shape
     and pattern parts) and prompt fidelity (and background, position), plus trainable
@@ -215,10 +225,11 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     unet = method_unet(pipe.unet, method, config.rounding)
     tuned = with_unet(pipe, unet)
     result = None
-    if method.name != "none":
+    if method.name not in UNTUNED_METHODS:
         result = finetune(tuned, [training_subject(subject, examples)],
                           train_config(method, unet, config, seed))
-    prompts = evaluation_prompts(subject)
+    words = method.name == "words"
+    prompts = described_prompts(subject) if words else evaluation_prompts(subject)
     images = generate(tuned, prompts, None if result is None else result.scale_set,
                       seed=10_000 * seed, num_inference_steps=config.inference_steps,
                       guidance_scale=config.guidance_scale,
@@ -249,4 +260,5 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     return row
 
 
-__all__ = ["CompareConfig", "Method", "load_base", "method_unet", "paper_methods", "run"]
+__all__ = ["UNTUNED_METHODS", "CompareConfig", "Method", "load_base", "method_unet",
+           "paper_methods", "run"]

@@ -104,6 +104,13 @@ def evaluation_prompts(subject: Subject, seed: int = 0) -> list[str]:
     return [caption(s, token=subject.token) for s in subject_contexts(subject, seed)[1]]
 
 
+def described_prompts(subject: Subject, seed: int = 0) -> list[str]:
+    """The evaluation prompts with the subject told in words instead of its token
+    ("a purple checkered star on a orange background, top" for "a sks star on ..."):
+    what the base draws when it is told what the subject looks like."""
+    return [caption(s) for s in subject_contexts(subject, seed)[1]]
+
+
 def write_examples(out: str | Path, seed: int = 0) -> Path:
     """Write subjects.csv, subjects_eval.csv and subjects/<id>/<n>.png under `out`.
 

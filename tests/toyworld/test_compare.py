@@ -25,12 +25,13 @@ def pipe():
 def test_paper_methods_are_the_tables_rows():
     methods = paper_methods()
     labels = [m.label for m in methods]
-    assert labels[:6] == ["no fine-tuning", "no fine-tuning (W8)", "no fine-tuning (W4)",
-                          "no fine-tuning (W3)", "full-precision DreamBooth", "LoRA r=4"]
-    assert labels[6:9] == ["PEQA W8", "TuneQDM N=1 W8", "TuneQDM N=4 W8"]
+    assert labels[:7] == ["no fine-tuning", "no fine-tuning, subject in words",
+                          "no fine-tuning (W8)", "no fine-tuning (W4)", "no fine-tuning (W3)",
+                          "full-precision DreamBooth", "LoRA r=4"]
+    assert labels[7:10] == ["PEQA W8", "TuneQDM N=1 W8", "TuneQDM N=4 W8"]
     assert labels[-2:] == ["full-precision DreamBooth (paper: 400 x 1)",
                            "TuneQDM N=4 W4 (paper: 400 x 1)"]
-    assert len(methods) == 6 + 3 * 3 + 2
+    assert len(methods) == 7 + 3 * 3 + 2
     assert all(Method.from_key(m.key) == m for m in methods)
     assert Method.from_key("tuneqdm-n4-w4-paper") == Method("tuneqdm", 4, 4, "paper")
 
@@ -47,15 +48,33 @@ def test_the_paper_recipe_trains_400_steps_of_batch_1(pipe):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"name": "qlora"}, "allowed: none, full, lora, peqa, tuneqdm"),
+    ({"name": "qlora"}, "allowed: none, words, full, lora, peqa, tuneqdm"),
     ({"name": "peqa"}, "needs bits"),
     ({"name": "lora", "bits": 4}, "bits must be None"),
     ({"name": "full", "recipe": "slow"}, "allowed: fast, paper"),
     ({"name": "none", "recipe": "paper"}, "fast only for no fine-tuning"),
+    ({"name": "words", "bits": 4}, "prompts the float base: bits must be None"),
 ])
 def test_method_refuses_what_it_cannot_run(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Method(**kwargs)
+
+
+def test_the_words_row_prompts_the_subject_in_words(pipe):
+    """"words" trains nothing and asks for the subject by colour, pattern and shape in
+    the same contexts (background, position) as the token prompts."""
+    from toyworld.subjects import described_prompts, evaluation_prompts
+
+    subject = get_subject("checkered-star")
+    told, named = described_prompts(subject), evaluation_prompts(subject)
+    assert told[0] == "a purple checkered star on a orange background, top"
+    assert [p.replace("purple checkered star", "sks star") for p in told] == named
+    row = run(pipe, Method("words"), subject, 0, CompareConfig(images_per_prompt=1,
+                                                               inference_steps=10))
+    assert row["trainable"] == 0 and row["train_s"] == 0.0 and row["loss_last"] is None
+    assert row["label"] == "no fine-tuning, subject in words"
+    # told its colour, the base draws it (0.73 over the table's 3 seeds, session 13)
+    assert row["subject_colour"] >= 0.5, row
 
 
 def test_method_unet_copies_and_quantizes_without_touching_the_base(pipe):
