@@ -228,8 +228,8 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     if method.name not in UNTUNED_METHODS:
         result = finetune(tuned, [training_subject(subject, examples)],
                           train_config(method, unet, config, seed))
-    words = method.name == "words"
-    prompts = described_prompts(subject) if words else evaluation_prompts(subject)
+    prompts = (described_prompts(subject) if method.name == "words"
+               else evaluation_prompts(subject))
     images = generate(tuned, prompts, None if result is None else result.scale_set,
                       seed=10_000 * seed, num_inference_steps=config.inference_steps,
                       guidance_scale=config.guidance_scale,
