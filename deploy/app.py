@@ -37,6 +37,8 @@ from .params import GenerationParams
 from .settings import ServeSettings
 from .store import SubjectCatalog, SubjectInfo, SubjectStore, check_subject_id
 
+GAUGE_REFRESH_S = 1.0  # below Ray's 1 s floor on the metrics export interval
+
 
 def _short_replica_id() -> str:
     try:
@@ -69,6 +71,8 @@ class SubjectModel:
             wait_s=settings.batch_wait_ms / 1000, max_queued_images=settings.max_queued_images)
         self.replica = _short_replica_id()
         self.loads = 0
+        # Serve calls __init__ on the replica's event loop.
+        self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
 
         async def load_subject(subject_id: str) -> LoadedSubject:
             """Serve's model loader: storage -> checked ScaleSet (host memory)."""
@@ -92,6 +96,17 @@ class SubjectModel:
                                self.engine.bank.writes - writes)
         self.metrics.queued_images.set(self.batcher.queued_images)
         return results
+
+    async def _refresh_gauges(self) -> None:
+        """Set the queue gauge every GAUGE_REFRESH_S, busy or idle.
+
+        Ray (2.60) drops a gauge from its Prometheus endpoint once it has not been set
+        for two export intervals (20 s by default), so an idle replica would vanish
+        from the dashboard instead of reading 0 (docs/deploy.md, Metrics).
+        """
+        while True:
+            self.metrics.queued_images.set(self.batcher.queued_images)
+            await asyncio.sleep(GAUGE_REFRESH_S)
 
     async def generate(self, params: GenerationParams) -> dict[str, Any]:
         """Images for the request's multiplexed subject id."""
@@ -127,6 +142,9 @@ class SubjectModel:
             raise RuntimeError("the batch loop stopped")
 
     def __del__(self) -> None:
+        gauges = getattr(self, "_gauges", None)
+        if gauges is not None:
+            gauges.cancel()
         batcher = getattr(self, "batcher", None)
         if batcher is not None:
             batcher.close()

@@ -40,7 +40,8 @@ def server(trained_output):
         METRICS_PORT.append(free_port())
         ray.init(num_cpus=2, object_store_memory=96 * 2**20, include_dashboard=False,
                  namespace="tuneqdm-deploy-test", log_to_driver=False,
-                 configure_logging=False, _metrics_export_port=METRICS_PORT[0])
+                 configure_logging=False, _metrics_export_port=METRICS_PORT[0],
+                 _system_config={"metrics_report_interval_ms": 1000})
     try:
         port = free_port()
         result = CliRunner().invoke(main, [
@@ -290,6 +291,7 @@ def test_app_metrics_on_rays_prometheus_endpoint(server, http):
         assert http.post("/v1/subjects/dog/images", json={"prompt": "x", "seed": seed}
                          ).status_code == 200
     assert http.post("/v1/subjects/nobody/images", json={"prompt": "x"}).status_code == 404
+    last_request = time.monotonic()
     wanted = ("ray_tuneqdm_batch_images_count", "ray_tuneqdm_batch_subjects_bucket",
               "ray_tuneqdm_scale_set_loads", "ray_tuneqdm_bank_misses",
               "ray_tuneqdm_queued_images", 'ray_tuneqdm_request_seconds_count{',
@@ -307,3 +309,11 @@ def test_app_metrics_on_rays_prometheus_endpoint(server, http):
     assert sum(counts) >= 3  # one batch per sequential request at least
     assert any('status="200"' in line and "tuneqdm_request_seconds_count" in line
                for line in text.splitlines())
+    # Idle past the 20 s after which Ray's metrics agent drops a gauge nobody set
+    # (two default export intervals; the agent keeps its default): the replicas keep
+    # setting the queue gauge, so it reads 0 rather than vanishing.
+    time.sleep(max(0.0, last_request + 24 - time.monotonic()))
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT[0]}/metrics", timeout=10).text
+    queued = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("ray_tuneqdm_queued_images{")]
+    assert queued and all(value == 0 for value in queued), queued
