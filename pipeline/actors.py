@@ -178,13 +178,16 @@ class ProgressTracker:
     tuneqdm_subjects_running (gauge). Ray exports a process's metrics every
     `metrics_report_interval_ms` (10 s by default) and drops what a dead process
     recorded since its last export, so the driver calls `settle()` before it ends the
-    tracker: the run's final counts reach the endpoint."""
+    tracker: the run's final counts reach the endpoint. Ray also drops a gauge nobody
+    set for two export intervals, so `snapshot()` (the driver reads it every tick)
+    sets the running gauge again: it stays on the dashboard while subjects train."""
 
     def __init__(self, run_id: str = "") -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.run_tags = {"run": run_id}
         self.counters: dict[str, Any] = {}
         self.running = None
+        self.running_now = 0
         self.changed = 0.0  # time.monotonic() of the last metric change
         with contextlib.suppress(Exception):
             from ray.util import metrics
@@ -202,6 +205,7 @@ class ProgressTracker:
         """The driver's tally: subjects running now, and how many more were
         `finished=`, `failed=` or `retried=` (keyword counts)."""
         with contextlib.suppress(Exception):
+            self.running_now = running
             if self.running is not None:
                 self.running.set(running, tags=self.run_tags)
             for key, value in added.items():
@@ -231,6 +235,9 @@ class ProgressTracker:
         self.jobs.pop(job_id, None)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
+        if self.running is not None:
+            with contextlib.suppress(Exception):
+                self.running.set(self.running_now, tags=self.run_tags)
         return dict(self.jobs)
 
 

@@ -6,6 +6,7 @@ write subject CSVs are in pipeline_testkit.py."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -23,21 +24,40 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 
+METRICS_PORT: list[int] = []  # Ray's Prometheus endpoint, when ray_session started Ray
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray instance for the whole session (namespace "tuneqdm")."""
+    """A local Ray instance for the whole session (namespace "tuneqdm"); its metrics
+    endpoint's port in METRICS_PORT."""
     import ray
 
     if ray.is_initialized():  # started by someone else in this process: leave it be
         yield ray
         return
+    METRICS_PORT.append(_free_port())
     ray.init(num_cpus=2, object_store_memory=96 * 2**20, include_dashboard=False,
              namespace="tuneqdm", log_to_driver=False, configure_logging=False,
-             _temp_dir=None)
+             _temp_dir=None, _metrics_export_port=METRICS_PORT[0])
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_metrics_url(ray_session) -> str:
+    """ray_session's Prometheus endpoint (skips when Ray was started elsewhere)."""
+    if not METRICS_PORT:
+        pytest.skip("Ray was started elsewhere: its metrics port is not known")
+    return f"http://127.0.0.1:{METRICS_PORT[0]}/metrics"
 
 
 @pytest.fixture(scope="session")

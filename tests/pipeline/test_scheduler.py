@@ -157,6 +157,37 @@ def test_the_tracker_waits_one_export_interval_after_its_last_count(ray_session)
     assert tracker.settle() == 0.0  # nothing changed since
 
 
+def _running_gauge(url: str, run: str) -> list[float]:
+    import httpx
+
+    text = httpx.get(url, timeout=10).text
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("ray_tuneqdm_subjects_running{") and f'run="{run}"' in line]
+
+
+def test_the_running_gauge_stays_exported_while_the_driver_reads_snapshots(
+        ray_session, ray_metrics_url):
+    """Ray's metrics agent drops a gauge nobody set for two export intervals (2 s here):
+    the tracker sets it again on every snapshot the driver reads, so a run whose
+    subjects train for minutes without an event stays on the dashboard."""
+    from pipeline.actors import start_tracker
+
+    ray = ray_session
+    tracker = start_tracker(ray, "gauge-run")
+    try:
+        ray.get(tracker.count.remote(2))
+        start, seen = time.monotonic(), []
+        while time.monotonic() - start < 6:  # the driver's ticks, past the gauge's TTL
+            ray.get(tracker.snapshot.remote())
+            seen = _running_gauge(ray_metrics_url, "gauge-run")
+            time.sleep(0.5)
+        assert seen == [2.0]
+        time.sleep(5)  # no snapshots: the agent drops it (what the refresh is for)
+        assert _running_gauge(ray_metrics_url, "gauge-run") == []
+    finally:
+        ray.kill(tracker, no_restart=True)
+
+
 def test_events_count_as_finished_failed_or_retried():
     from pipeline.actors import tracker_counts
 
