@@ -156,3 +156,46 @@ def test_examples_match_the_generator(tmp_path):
             assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(fresh)))
     size = sum(f.stat().st_size for f in EXAMPLES.rglob("*") if f.is_file())
     assert size < 2_000_000
+
+
+VARIANT_CHECK = """
+import sys
+sys.path.insert(0, "benchmarks")
+from toyworld_world_variant import use_variant
+import toyworld.world as world
+from toyworld.evaluate import colour_accuracy
+from toyworld.split import held_out_scenes
+scenes = held_out_scenes(64, 1)
+print(colour_accuracy([world.render(s).image for s in scenes],
+                      [world.caption(s) for s in scenes])["position"], end=" ")
+use_variant((16, 17, 18), (10, 16, 22))
+scenes = held_out_scenes(256, 1)
+sizes = {s.size for s in scenes}
+centres = {c for s in scenes for c in (s.centre_x, s.centre_y)}
+accuracy = colour_accuracy([world.render(s).image for s in scenes],
+                           [world.caption(s) for s in scenes])
+print(sorted(sizes), min(centres), max(centres), accuracy["shape"], accuracy["pattern"],
+      accuracy["both_colours"], accuracy["position"])
+"""
+
+
+def test_a_world_variant_with_larger_objects_renders_and_reads_back():
+    """benchmarks/toyworld_world_variant.py (in a process of its own: it changes the
+    world module): 16-18 px objects on a 10/16/22 grid stay inside the image and the
+    metrics read their ground truth back (a triangle's centroid sits low in its box, so
+    a few positions read as the next row: >= 0.98)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", VARIANT_CHECK], cwd=repo, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out[0] == "1.0"  # the committed world, before the variant
+    assert out[1:4] == ["[16,", "17,", "18]"] and int(out[4]) >= 9 and int(out[5]) <= 23
+    shape, pattern, colours, position = map(float, out[6:])
+    assert shape == pattern == colours == 1.0 and position >= 0.98
+    refused = subprocess.run(
+        [sys.executable, "benchmarks/toyworld_world_variant.py", "--sizes", "20",
+         "--centres", "8", "16", "24", "--", "evaluate", "x"],
+        cwd=repo, capture_output=True, text=True)
+    assert refused.returncode != 0 and "must stay inside the 32-px image" in refused.stderr
