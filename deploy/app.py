@@ -37,7 +37,7 @@ from .params import GenerationParams
 from .settings import ServeSettings
 from .store import SubjectCatalog, SubjectInfo, SubjectStore, check_subject_id
 
-GAUGE_REFRESH_S = 1.0  # below Ray's 1 s floor on the metrics export interval
+GAUGE_REFRESH_S = 1.0  # Ray exports at most once a second: as often as it can look
 
 
 def _short_replica_id() -> str:
