@@ -17,7 +17,8 @@ toyworld/compare.py, in this one process, on the subjects' photos rendered again
 variant; prints each run's subject fidelity and the means; --json writes the rows).
 Stages chained with --resume-from must all run in the same variant.
 
-The committed world is --sizes 10 11 12 13 14 --centres 8 16 24 (toyworld/world.py).
+The committed world is --sizes 16 17 18 --centres 10 16 22 (toyworld/world.py); the
+worlds before it, --sizes 10 11 12 13 14 --centres 8 16 24.
 docs/toyworld.md ("Larger objects") has what a base trained in a variant draws.
 """
 
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(world.SIZES))
-    parser.add_argument("--centres", type=int, nargs=3, default=[8, 16, 24])
+    parser.add_argument("--centres", type=int, nargs=3, default=[
+        world.POSITIONS["top left"][0], world.POSITIONS["center"][0],
+        world.POSITIONS["bottom right"][0]])
     args = parser.parse_args(argv[:split])
     command, rest = (argv[split + 1:] or [""])[0], argv[split + 2:]
     if command not in COMMANDS:

@@ -13,8 +13,10 @@ How an image is read (`analyse`):
    plus every other non-background pixel inside its bounding box grown by 2 px (so a
    star's 1-pixel tips stay attached);
 4. object colour = the most common name among object pixels (main and shade count for
-   the same name); position = the 3x3 cell of the object's centroid (columns split at
-   x = 12 and 20 px, rows likewise, as world.POSITION_BOUNDARIES).
+   the same name); position = the 3x3 cell of the centre of the object's bounding box
+   (columns split at x = 13 and 19 px, rows likewise, as world.POSITION_BOUNDARIES;
+   the box centre, not the centroid: a triangle's centroid sits low in its box, and
+   with cells 6 px apart it would read a few rendered triangles a row too low).
 
 Prompt fidelity (`prompt_fidelity`), per image: for each attribute the prompt names,
 True if the image shows it: background colour (step 2), object colour (step 4),
@@ -156,7 +158,8 @@ def analyse(image) -> ImageAnalysis:
                                                  minlength=len(COLOUR_NAMES)).argmax())]
     ys, xs = np.nonzero(object_mask)
     centroid = (float(xs.mean() + 0.5), float(ys.mean() + 0.5))
-    position = _CELL_TO_POSITION[(_cell(centroid[0]), _cell(centroid[1]))]
+    box_x, box_y = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    position = _CELL_TO_POSITION[(_cell(box_x), _cell(box_y))]
     return ImageAnalysis(colour_index, shade, COLOUR_NAMES[background_index], object_mask,
                          object_colour, centroid, position)
 

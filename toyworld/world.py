@@ -55,15 +55,16 @@ PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
 SCENES: tuple[str, ...] = ("background", "floor")
 FLOOR_TOP = 22  # first row of the floor band
 
-# position phrase -> object centre (x, y) in pixels; a 3x3 grid of centres 8 px apart.
+# position phrase -> object centre (x, y) in pixels; a 3x3 grid of centres 6 px apart,
+# so that an 18-px object with its jitter stays inside the image.
 POSITIONS: dict[str, tuple[int, int]] = {
-    "top left": (8, 8), "top": (16, 8), "top right": (24, 8),
-    "left": (8, 16), "center": (16, 16), "right": (24, 16),
-    "bottom left": (8, 24), "bottom": (16, 24), "bottom right": (24, 24),
+    "top left": (10, 10), "top": (16, 10), "top right": (22, 10),
+    "left": (10, 16), "center": (16, 16), "right": (22, 16),
+    "bottom left": (10, 22), "bottom": (16, 22), "bottom right": (22, 22),
 }
-# A centroid's column (row) is left (top) below 12, right (bottom) from 20 on.
-POSITION_BOUNDARIES = (12.0, 20.0)
-SIZES = (10, 11, 12, 13, 14)  # object box side in pixels
+# A centroid's column (row) is left (top) below 13, right (bottom) from 19 on.
+POSITION_BOUNDARIES = (13.0, 19.0)
+SIZES = (16, 17, 18)  # object box side in pixels (docs/toyworld.md "Larger objects")
 JITTER = 1  # centres move by up to this many pixels in x and y
 
 # Rare tokens ("sks"-style) for subjects: single tokens of the tokenizer that no base
