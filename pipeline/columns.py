@@ -3,7 +3,8 @@ the message that the manifest reports for that column (file, line and column are
 added by the caller, pipeline/manifest.py).
 
     subject_id    required; 1-64 of a-z 0-9 - _, starting with a letter or digit
-    images        required; a folder, a glob or a remote prefix (photos.py)
+    images        required; a folder, a glob or a remote prefix (photos.py); a photo's
+                  caption is a sidecar <photo name>.txt holding a prompt template
     class         required; the class noun
     token         optional; one word, default "sks"
     prompt        optional; a template with {token} and {class_noun}
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .photos import ImageRef, list_images
+from .photos import ImageRef, caption_uri, list_images
 from .store.layout import ID_PATTERN, ID_RULE
 
 TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_<>-]{1,32}$")
@@ -59,7 +60,11 @@ def read_token(raw: str) -> str:
 
 
 def read_prompt(raw: str) -> str:
-    prompt = raw or DEFAULT_PROMPT
+    return check_template(raw or DEFAULT_PROMPT)
+
+
+def check_template(prompt: str) -> str:
+    """A prompt template: {token} required, {class_noun} allowed, nothing else."""
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None]
     except ValueError as err:
@@ -131,4 +136,10 @@ def read_images(raw: str, base_dir: Path,
         raise ValueError(f"cannot list {raw!r}: {err}") from None
     if not refs:
         raise ValueError(f"no image files found in {raw!r}")
+    for ref in refs:
+        if ref.caption is not None:
+            try:
+                check_template(ref.caption)
+            except ValueError as err:
+                raise ValueError(f"{caption_uri(ref.uri)}: caption {err}") from None
     return tuple(refs)

@@ -4,7 +4,8 @@ One row per subject. Columns (header required, order free):
 
     subject_id    required; 1-64 of a-z 0-9 - _, starting with a letter or digit; unique
     images        required; a folder, a glob (*.jpg) or a remote prefix (s3://b/dogs/);
-                  relative paths are relative to the CSV file's folder
+                  relative paths are relative to the CSV file's folder; a photo's
+                  optional caption is <photo name>.txt beside it (photos.py)
     class         required; the class noun ("dog", "backpack")
     token         optional; the rare identifier word, default "sks"
     prompt        optional; instance prompt template with {token} and {class_noun},
@@ -88,7 +89,7 @@ class SubjectSpec:
             "subject_id": self.subject_id, "class_noun": self.class_noun,
             "token": self.token, "prompt": self.prompt, "group": self.group,
             "overrides": dict(self.overrides),
-            "images": [{"uri": ref.uri, "size": ref.size} for ref in self.images],
+            "images": [_image_dict(ref) for ref in self.images],
         }
 
     @classmethod
@@ -97,8 +98,26 @@ class SubjectSpec:
             subject_id=data["subject_id"], class_noun=data["class_noun"],
             token=data["token"], prompt=data["prompt"], group=data.get("group"),
             overrides=dict(data.get("overrides", {})),
-            images=tuple(ImageRef(i["uri"], int(i["size"])) for i in data["images"]),
+            images=tuple(ImageRef(i["uri"], int(i["size"]), i.get("caption"))
+                         for i in data["images"]),
         )
+
+    @property
+    def captions(self) -> list[str] | None:
+        """Each photo's prompt template (its caption, else the row's prompt), or None
+        when no photo has a caption."""
+        if all(ref.caption is None for ref in self.images):
+            return None
+        return [ref.caption or self.prompt for ref in self.images]
+
+
+def _image_dict(ref: ImageRef) -> dict[str, Any]:
+    """A photo as stored in a job (and hashed: a caption-less photo hashes as before
+    captions existed, so finished subjects still count on resume)."""
+    out: dict[str, Any] = {"uri": ref.uri, "size": ref.size}
+    if ref.caption is not None:
+        out["caption"] = ref.caption
+    return out
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ def _load_subjects(job: Job, settings: WorkSettings, resolution: int,
                                 name=ref.uri, min_side=settings.min_image_side,
                                 max_pixels=settings.max_image_pixels, shorter_side=resolution)
                      for ref in spec.images],
-                    spec.class_noun, spec.token, spec.prompt)
+                    spec.class_noun, spec.token, spec.prompt, captions=spec.captions)
             for spec in job.subjects
         ]
     except ImageLoadError as err:
@@ -289,7 +289,9 @@ def _subject_meta(spec: SubjectSpec, pipe, run: _Attempt, spec_hash: str,
         base_address=settings.base.get("address", ""), spec_hash=spec_hash,
         run_id=settings.run_id, group=spec.group, members=tuple(run.job.subject_ids),
         class_noun=spec.class_noun, token=spec.token, prompt=spec.prompt,
-        images=tuple(ref.uri for ref in spec.images), train_config=config.to_dict(),
+        images=tuple(ref.uri for ref in spec.images),
+        captions=None if spec.captions is None else tuple(ref.caption for ref in spec.images),
+        train_config=config.to_dict(),
         quant_config=settings.quant_config, losses=tuple(_thin(losses)),
         final_loss=result.final_loss, steps=len(losses),
         train_seconds=round(result.seconds, 3),

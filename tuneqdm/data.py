@@ -29,6 +29,11 @@ class Subject:
     """One subject to personalise.
 
     prompt: template with {token} and {class_noun}, e.g. "a photo of {token} {class_noun}".
+    captions: optional per-image templates, one per image, each used instead of
+        `prompt` for its image (None: `prompt`), e.g. "a {token} {class_noun} on a
+        green floor, top left": what a caption says about an image's context
+        (background, position) the token does not have to explain, so the token binds
+        to the subject alone (docs/toyworld.md "Recipe").
     """
 
     subject_id: str
@@ -37,11 +42,15 @@ class Subject:
     token: str = "sks"
     prompt: str = "a photo of {token} {class_noun}"
     class_prompt: str = "a photo of {class_noun}"
+    captions: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.images:
             raise ValueError(f"subject {self.subject_id!r} has no images")
-        for template in (self.prompt, self.class_prompt):
+        if self.captions is not None and len(self.captions) != len(self.images):
+            raise ValueError(f"subject {self.subject_id!r}: {len(self.captions)} captions for "
+                             f"{len(self.images)} images; give one caption per image or none")
+        for template in (self.prompt, self.class_prompt, *filter(None, self.captions or [])):
             try:
                 template.format(token=self.token, class_noun=self.class_noun)
             except (KeyError, IndexError, ValueError) as err:
@@ -53,6 +62,13 @@ class Subject:
     @property
     def instance_prompt(self) -> str:
         return self.prompt.format(token=self.token, class_noun=self.class_noun)
+
+    @property
+    def image_prompts(self) -> list[str]:
+        """The prompt of each image: its caption, else the instance prompt."""
+        templates = self.captions or [None] * len(self.images)
+        return [(t or self.prompt).format(token=self.token, class_noun=self.class_noun)
+                for t in templates]
 
     @property
     def class_prompt_text(self) -> str:
@@ -157,14 +173,16 @@ def prepare_data(
     prompts: list[str] = []
     prompt_of, subject_of, is_class = [], [], []
     for index, subject in enumerate(subjects):
-        groups = [(subject.images, subject.instance_prompt, False)]
+        groups = [(subject.images, subject.image_prompts, False)]
         if class_images is not None and class_images[index]:
-            groups.append((class_images[index], subject.class_prompt_text, True))
-        for group_images, prompt, cls in groups:
-            if prompt not in prompts:
-                prompts.append(prompt)
+            groups.append((class_images[index],
+                           [subject.class_prompt_text] * len(class_images[index]), True))
+        for group_images, group_prompts, cls in groups:
+            for prompt in group_prompts:
+                if prompt not in prompts:
+                    prompts.append(prompt)
+                prompt_of.append(prompts.index(prompt))
             images.extend(group_images)
-            prompt_of += [prompts.index(prompt)] * len(group_images)
             subject_of += [index] * len(group_images)
             is_class += [cls] * len(group_images)
     mean, std = encode_images(pipe, images, resolution)
@@ -183,8 +201,24 @@ def load_image_folder(folder: str | Path, min_side: int = DEFAULT_MIN_SIDE) -> l
     """Every image file of a folder, sorted by name, as upright RGB (images.load_image:
     EXIF rotation, transparency on white, odd modes; bad or smaller than `min_side`
     pixels raise ImageLoadError)."""
-    paths = sorted(p for p in Path(folder).iterdir() if is_image_name(p.name))
-    return [load_image(p, min_side=min_side) for p in paths]
+    return [load_image(p, min_side=min_side) for p in _image_paths(folder)]
+
+
+def load_captions(folder: str | Path) -> list[str | None] | None:
+    """The sidecar caption of each image of load_image_folder(folder), in its order:
+    the stripped text of `<image stem>.txt` beside it (a prompt template, e.g. "a
+    {token} {class_noun} on a beach"), None for an image without one; None when no
+    image has one (Subject.captions)."""
+    captions = []
+    for path in _image_paths(folder):
+        sidecar = path.with_suffix(".txt")
+        captions.append(sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file()
+                        else None)
+    return captions if any(captions) else None
+
+
+def _image_paths(folder: str | Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if is_image_name(p.name))
 
 
 def class_images(pipe, subjects: list[Subject], config, resolution: int) -> list[list] | None:

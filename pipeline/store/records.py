@@ -27,6 +27,14 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _opt_captions(value: Any) -> tuple[str | None, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ValueError(f"captions must be a list, not {type(value).__name__}")
+    return tuple(None if c is None else str(c) for c in value)
+
+
 @dataclass(frozen=True)
 class SubjectMeta:
     """meta.json of one finished subject (a group's members each get their own)."""
@@ -64,6 +72,7 @@ class SubjectMeta:
     finished_unix: float | None = None  # files), seconds since the epoch: utilisation
     imported_from: dict[str, Any] | None = None  # `import-reference`: the checkpoint
     resumed_from_step: int | None = None  # went on from a training checkpoint there
+    captions: tuple[str | None, ...] | None = None  # per photo (None: `prompt`), if any
 
     @property
     def instance_prompt(self) -> str:
@@ -107,6 +116,8 @@ class SubjectMeta:
             extra["imported_from"] = dict(self.imported_from)
         if self.resumed_from_step:
             extra["resumed_from_step"] = self.resumed_from_step
+        if self.captions is not None:
+            extra["captions"] = list(self.captions)
         return extra
 
     @classmethod
@@ -146,6 +157,7 @@ class SubjectMeta:
                 finished_unix=_opt_float(data.get("finished_unix")),
                 imported_from=data.get("imported_from"),
                 resumed_from_step=_opt_int(data.get("resumed_from_step")),
+                captions=_opt_captions(data.get("captions")),
             )
         except (AttributeError, TypeError, ValueError) as err:
             raise ValueError(f"meta.json is malformed: {err}") from None

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from pipeline_testkit import copy_photos
+from pipeline_testkit import copy_photos, write_csv
 
 from pipeline.manifest import (
     DEFAULT_PROMPT,
+    Job,
     ManifestError,
     group_jobs,
     load_manifest,
@@ -93,7 +94,8 @@ def test_every_problem_is_reported_with_line_and_column(tmp_path, photos):
     assert f"{csv}:4: column subject_id: is empty" in text
     assert f"{csv}:5: column images: cannot list" in text and "does not exist" in text
     assert f"{csv}:6: column images: no image files found" in text
-    assert f"{csv}:7: column images: " in text and "notes.txt: not an image" in text
+    assert f"{csv}:7: column images: " in text and (
+        "notes.txt: a caption with no photo of the same name") in text
     assert f"{csv}:8: column images: " in text and "t.png: too small: 8x8" in text
     assert f"{csv}:9: column prompt: " in text and "unknown placeholder(s) ['thing']" in text
     assert f"{csv}:10: column steps: 'zero' must be an integer" in text
@@ -101,6 +103,39 @@ def test_every_problem_is_reported_with_line_and_column(tmp_path, photos):
     assert f"{csv}:12: column class: is empty" in text
     # photos of the rows that are otherwise valid are checked too, in the same pass
     assert len(problems) == 10
+
+
+def test_captions_beside_photos_are_read_checked_and_hashed(tmp_path):
+    """<photo>.txt is that photo's prompt template; photos without one keep the row's
+    prompt; a caption-less row hashes as it did before captions existed."""
+    folder = copy_photos("dog", tmp_path / "dog", 3)
+    first, _, third = sorted(folder.iterdir())
+    rows = [{"subject_id": "dog", "images": str(folder), "class": "dog"}]
+    before = group_jobs(load_manifest(write_csv(tmp_path / "a.csv", rows)))[0]
+    assert before.subjects[0].captions is None
+    assert "caption" not in before.to_dict()["subjects"][0]["images"][0]
+    first.with_suffix(".txt").write_text("a photo of {token} {class_noun} on a sofa\n")
+    third.with_suffix(".txt").write_text("{token} asleep")
+    (spec,) = load_manifest(write_csv(tmp_path / "b.csv", rows))
+    assert len(spec.images) == 3  # captions are not photos
+    assert spec.captions == ["a photo of {token} {class_noun} on a sofa",
+                             "a photo of {token} {class_noun}", "{token} asleep"]
+    (job,) = group_jobs([spec])
+    assert Job.from_dict(job.to_dict()) == job
+    assert job.spec_hash({}) != before.spec_hash({})
+    (folder / "extra.txt").write_text("a photo of {token} dog")  # no extra.jpg
+    third.with_suffix(".txt").write_text("a photo of {thing}")
+    text = "\n".join(_problems(write_csv(tmp_path / "c.csv", rows)))
+    assert "extra.txt: a caption with no photo of the same name" in text
+    (folder / "extra.txt").unlink()
+    text = "\n".join(_problems(write_csv(tmp_path / "d.csv", rows)))
+    assert f"{third.with_suffix('.txt')}: caption 'a photo of {{thing}}' uses unknown" in text
+    third.with_suffix(".txt").write_text("two\nlines")
+    text = "\n".join(_problems(write_csv(tmp_path / "e.csv", rows)))
+    assert "a caption must be one line of printable text" in text
+    third.with_suffix(".txt").write_bytes(b"\xff\xfe{token}")
+    text = "\n".join(_problems(write_csv(tmp_path / "f.csv", rows)))
+    assert "a caption must be UTF-8 text" in text
 
 
 def test_header_problems(tmp_path, photos):

@@ -174,6 +174,8 @@ def test_s3_output_and_s3_images_against_moto(ray_session, tiny_base_model, s3_s
                           region_name="us-east-1")
     for photo in sorted(copy_photos("dog", tmp_path / "dog", 2).iterdir()):
         client.upload_file(str(photo), s3_bucket, f"photos/dog/{photo.name}")
+    client.put_object(Bucket=s3_bucket, Key="photos/dog/00.txt",  # 00.jpg's caption
+                      Body=b"a photo of {token} {class_noun} on a sofa")
     rows = [
         {"subject_id": "dog", "images": f"s3://{s3_bucket}/photos/dog/", "class": "dog"},
         {"subject_id": "cat", "images": str(copy_photos("cat", tmp_path / "cat", 2)),
@@ -203,7 +205,9 @@ def test_s3_output_and_s3_images_against_moto(ray_session, tiny_base_model, s3_s
     _load_checked(base_dir, {s: storage.read_bytes(f"subjects/{s}/scales.safetensors")
                              for s in ("dog", "cat")})
     meta = storage.read_json("subjects/dog/meta.json")
-    assert meta["images"][0] == f"s3://{s3_bucket}/photos/dog/00.jpg"
+    assert meta["images"] == [f"s3://{s3_bucket}/photos/dog/00.jpg",
+                              f"s3://{s3_bucket}/photos/dog/01.jpg"]
+    assert meta["captions"] == ["a photo of {token} {class_noun} on a sofa", None]
 
     status = runner.invoke(main, ["status", output, *options, "--verify"])
     assert status.exit_code == 0, status.output

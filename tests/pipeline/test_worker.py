@@ -94,6 +94,24 @@ def test_train_job_writes_verified_artefacts(quantized, tmp_path):
     assert max(thumb.size) == 128 and thumb.mode == "RGB"
 
 
+def test_captions_reach_training_and_the_subjects_meta(quantized, tmp_path):
+    """A photo's <name>.txt caption is its prompt in training (so the loss changes,
+    same seed) and is recorded in meta.json; photos without one keep the row's."""
+    storage, address, done, pipe = quantized
+    folder = copy_photos("dog", tmp_path / "dog", 2)
+    plain = train_job(pipe, _job(tmp_path, folder), "spec-plain", _settings(done, address),
+                      storage)
+    first = sorted(folder.iterdir())[0]
+    first.with_suffix(".txt").write_text("a photo of {token} {class_noun} on a sofa")
+    result = train_job(pipe, _job(tmp_path, folder), "spec-captioned",
+                       _settings(done, address), storage)
+    assert result["status"] == "done", result
+    meta = verify_subject(storage, "dog", done["fingerprint"], "spec-captioned").meta
+    assert meta["captions"] == ["a photo of {token} {class_noun} on a sofa", None]
+    assert meta["prompt"] == "a photo of {token} {class_noun}"
+    assert result["final_loss"] != plain["final_loss"]
+
+
 def test_nan_loss_is_the_subjects_own_failure(quantized, tmp_path):
     storage, address, done, pipe = quantized
     job = _job(tmp_path, copy_photos("dog", tmp_path / "dog", 2), subject_id="dog",

@@ -153,6 +153,33 @@ def test_subject_prompt_template_is_checked(dog_images):
         Subject("x", [], "dog")
 
 
+def test_captions_give_each_image_its_own_prompt(tiny_base_dir, dog_images, tmp_path):
+    """Subject.captions: one template per image (None: the instance prompt), encoded
+    once each; load_captions reads them from <image>.txt beside the images."""
+    from tuneqdm.data import load_captions, load_image_folder
+
+    for i, image in enumerate(dog_images[:3]):
+        image.save(tmp_path / f"{i}.png")
+    assert load_captions(tmp_path) is None
+    (tmp_path / "0.txt").write_text("a photo of {token} {class_noun} on grass\n")
+    (tmp_path / "2.txt").write_text("{token} asleep")
+    captions = load_captions(tmp_path)
+    assert captions == ["a photo of {token} {class_noun} on grass", None, "{token} asleep"]
+    dog = Subject("dog", load_image_folder(tmp_path), "dog", token="zwx", captions=captions)
+    assert dog.image_prompts == ["a photo of zwx dog on grass", "a photo of zwx dog",
+                                 "zwx asleep"]
+    pipe = load_quantized_pipeline(tiny_base_dir)
+    data = prepare_data(pipe, [dog], 16)
+    assert data.embeddings.shape[0] == 3 and data.prompt_of.tolist() == [0, 1, 2]
+    plain = prepare_data(pipe, [Subject("dog", dog.images, "dog", token="zwx")], 16)
+    assert plain.prompt_of.tolist() == [0, 0, 0]
+    torch.testing.assert_close(plain.embeddings[0], data.embeddings[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 captions for 3 images"):
+        Subject("dog", dog.images, "dog", captions=captions[:2])
+    with pytest.raises(ValueError, match="allowed placeholders"):
+        Subject("dog", dog.images, "dog", captions=["{name}", None, None])
+
+
 def test_8bit_adam_trains_the_full_reference(tiny_pipeline_dir, dog):
     pipe = load_float_pipeline(tiny_pipeline_dir)
     config = TrainConfig(**{**FAST, "method": "full", "lr": 1e-3, "optimizer": "adamw8bit"})
