@@ -38,7 +38,13 @@ from benchmarks._common import (
     rss_bytes,
     write_json,
 )
-from toyworld.compare import UNTUNED_METHODS, CompareConfig, Method, paper_methods
+from toyworld.compare import (
+    PROMPT_SETS,
+    UNTUNED_METHODS,
+    CompareConfig,
+    Method,
+    paper_methods,
+)
 from toyworld.stats import mean_ci, paired_test
 from toyworld.subjects import SUBJECTS, get_subject
 from tuneqdm.config import ROUNDINGS
@@ -253,6 +259,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rows to run, by key (default: all; e.g. none-n1-fp32 "
                              "full-n1-fp32 peqa-n1-w4 tuneqdm-n4-w4)")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr-full", type=float, default=None)
+    parser.add_argument("--lr-lora", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--captioned", action=argparse.BooleanOptionalAction, default=None,
+                        help="train on each image's own caption (its background and "
+                             "position) instead of the instance prompt alone")
+    parser.add_argument("--rel-lr", type=float, default=None,
+                        help="scale methods: lr_scale_out = rel_lr * mean(s0)")
+    parser.add_argument("--prompts", choices=PROMPT_SETS, default="evaluation",
+                        help="score the evaluation prompts (the table) or the tuning "
+                             "prompts (to choose a recipe on, docs/toyworld.md)")
     parser.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
                         help="how the quantized rows round (default: nearest, the paper's "
                              "min/max grid; mse: per-channel clipping search)")
@@ -280,9 +298,11 @@ def main(argv: list[str] | None = None) -> None:
         methods, args.seeds, args.subjects = QUICK_METHODS, [0], args.subjects[:2]
     if args.methods:
         methods = [Method.from_key(key) for key in dict.fromkeys(args.methods)]
-    if args.steps:
-        config = replace(config, steps=args.steps)
-    config = replace(config, rounding=args.rounding)
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr_full": args.lr_full,
+                 "lr_lora": args.lr_lora, "rel_lr": args.rel_lr,
+                 "guidance_scale": args.guidance_scale, "captioned": args.captioned}
+    config = replace(config, rounding=args.rounding, prompts=args.prompts,
+                     **{k: v for k, v in overrides.items() if v is not None})
     start = time.perf_counter()
     rows = run_grid(args.base, methods, args.subjects, args.seeds, config, args.workers,
                     grid_subjects=args.subjects)
@@ -305,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             f"The paper's claims on subject fidelity, runs paired by (subject, seed):\n\n"
             f"{claims}\n")
         print(f"wrote {args.markdown}")
-    if args.grid:
+    if args.grid and config.prompts == "evaluation":
         write_grid(args.grid, rows, methods, args.subjects)
     write_json(args.json, {
         "config": config.to_dict(), "seeds": args.seeds, "subjects": args.subjects,

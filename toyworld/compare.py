@@ -1,9 +1,10 @@
 """The TuneQDM paper's comparison (arXiv 2401.04339, table 1) on the toy world.
 
 One *run* = one method, one subject, one seed: fine-tune the base's UNet on the
-subject's 5 images with its instance prompt ("a sks star"), then generate its 4
-evaluation prompts (contexts none of its images show) and score every image against
-the renderer's ground truth (metrics.py):
+subject's 5 images, each with its caption ("a sks star on a blue floor, top left";
+CompareConfig.captioned=False: the instance prompt "a sks star" for all), then
+generate its 4 evaluation prompts (contexts none of its images show) and score every
+image against the renderer's ground truth (metrics.py):
 
 - subject fidelity: `subject_fidelity(image, subject).score`, the mean of colour
   (fraction of object pixels in the subject's colour), shape (1 if the subject's shape
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 
 from .metrics import prompt_fidelity, subject_fidelity
-from .subjects import Subject, described_prompts, evaluation_prompts
+from .subjects import Subject, subject_contexts, tuning_contexts
+from .world import caption
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -44,6 +46,7 @@ UNTUNED_METHODS = ("none", "words")  # nothing trained
 
 
 RECIPES = ("fast", "paper")
+PROMPT_SETS = ("evaluation", "tuning")
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,11 @@ def paper_methods(bits: tuple[int, ...] = (8, 4, 3),
 class CompareConfig:
     """Fine-tuning and evaluation settings shared by every run."""
 
-    # Tuned on 3 subjects, seed 0 (docs/toyworld.md): relative rates 5e-3..1e-1 for the
-    # scales, 2e-4..3e-3 for full fine-tuning, 1e-2..3e-2 for LoRA; the best of each.
+    # Chosen on the tuning prompts (subjects.tuning_contexts), never the evaluation
+    # ones: all 8 subjects, seed 0 (docs/toyworld.md "Recipe"). Captions: full
+    # fine-tuning 0.778 -> 0.883, TuneQDM N=4 W4 0.732 -> 0.875; rel_lr 5e-3, 1e-2,
+    # 2e-2, 3e-2 gave 0.841, 0.875, 0.822 (0.632 uncaptioned); lr_full 1e-4, 3e-4, 1e-3
+    # gave 0.876, 0.883 (0.766 uncaptioned, backgrounds lost).
     steps: int = 120
     batch_size: int = 4
     rel_lr: float = 1e-2  # scale methods: lr_scale_out = rel_lr * mean(s0)
@@ -138,6 +144,17 @@ class CompareConfig:
     # how the quantized rows round (tuneqdm.QuantConfig.rounding): "nearest", the
     # paper's min/max grid, or "mse", a per-channel clipping search
     rounding: str = "nearest"
+    # which prompts runs generate and score: "evaluation" (what the table reports) or
+    # "tuning" (subjects.tuning_contexts: what recipes are chosen on)
+    prompts: str = "evaluation"
+    # train each photo on its caption (examples/subjects/<id>/<n>.txt: "a sks star on a
+    # blue floor, top left") rather than the instance prompt alone
+    captioned: bool = True
+
+    def __post_init__(self) -> None:
+        if self.prompts not in PROMPT_SETS:
+            raise ValueError(f"CompareConfig.prompts={self.prompts!r}; allowed: "
+                             f"{', '.join(PROMPT_SETS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,14 +191,18 @@ def method_unet(float_unet: torch.nn.Module, method: Method,
                                        rounding=rounding))
 
 
-def training_subject(subject: Subject, examples: Path = EXAMPLES):
-    """The subject as tuneqdm's Subject, its images read from examples/subjects/<id>."""
+def training_subject(subject: Subject, examples: Path = EXAMPLES, captioned: bool = True):
+    """The subject as tuneqdm's Subject, its images read from examples/subjects/<id>,
+    with their captions (<n>.txt beside them) unless `captioned` is False (then every
+    image has the instance prompt, "a sks star")."""
     from tuneqdm.data import Subject as TrainSubject
-    from tuneqdm.data import load_image_folder
+    from tuneqdm.data import load_captions, load_image_folder
 
-    images = load_image_folder(examples / "subjects" / subject.subject_id)
+    folder = examples / "subjects" / subject.subject_id
+    images = load_image_folder(folder)
+    captions = load_captions(folder) if captioned else None
     return TrainSubject(subject.subject_id, images, subject.class_noun, token=subject.token,
-                        prompt="a {token} {class_noun}")
+                        prompt="a {token} {class_noun}", captions=captions)
 
 
 def train_config(method: Method, unet: torch.nn.Module, config: CompareConfig, seed: int):
@@ -198,6 +219,16 @@ def train_config(method: Method, unet: torch.nn.Module, config: CompareConfig, s
                        **common)
 
 
+def run_prompts(method: Method, subject: Subject, prompts: str = "evaluation") -> list[str]:
+    """The prompts a run generates: the subject's evaluation (or tuning) contexts, the
+    subject named by its token, or told in words for "words" ("a purple checkered star
+    on a orange background, top" for "a sks star on ...")."""
+    scenes = (subject_contexts(subject)[1] if prompts == "evaluation"
+              else tuning_contexts(subject))
+    token = None if method.name == "words" else subject.token
+    return [caption(scene, token=token) for scene in scenes]
+
+
 def personal_bytes(method: Method, unet: torch.nn.Module, result) -> int:
     """Bytes a subject adds on top of the shared base: its scale set, LoRA weights
     (fp32) or, for full fine-tuning, a whole fp32 UNet."""
@@ -212,8 +243,8 @@ def personal_bytes(method: Method, unet: torch.nn.Module, result) -> int:
 
 def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig,
         examples: Path = EXAMPLES, keep_images: bool = False) -> dict:
-    """Fine-tune (unless "none" or "words"), generate the subject's evaluation prompts
-    (told in words for "words"), score.
+    """Fine-tune (unless "none" or "words"), generate the subject's evaluation (or, with
+    config.prompts="tuning", tuning) prompts (told in words for "words"), score.
 
     Returns a row: means over the images of subject fidelity (and its colour, shape
     and pattern parts) and prompt fidelity (and background, position), plus trainable
@@ -226,10 +257,9 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     tuned = with_unet(pipe, unet)
     result = None
     if method.name not in UNTUNED_METHODS:
-        result = finetune(tuned, [training_subject(subject, examples)],
+        result = finetune(tuned, [training_subject(subject, examples, config.captioned)],
                           train_config(method, unet, config, seed))
-    prompts = (described_prompts(subject) if method.name == "words"
-               else evaluation_prompts(subject))
+    prompts = run_prompts(method, subject, config.prompts)
     images = generate(tuned, prompts, None if result is None else result.scale_set,
                       seed=10_000 * seed, num_inference_steps=config.inference_steps,
                       guidance_scale=config.guidance_scale,

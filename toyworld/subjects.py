@@ -8,7 +8,8 @@ images in varied contexts and evaluation prompts that put it in contexts none of
 images show (background colours and positions it was never seen with).
 
 `python -m toyworld.subjects --out examples` writes examples/subjects.csv, the images
-and examples/subjects_eval.csv (the evaluation prompts); both are committed.
+with their captions and examples/subjects_eval.csv (the evaluation prompts); all are
+committed.
 """
 
 from __future__ import annotations
@@ -99,9 +100,46 @@ def subject_contexts(subject: Subject, seed: int = 0) -> tuple[list[Scene], list
     return train, evaluation
 
 
+def tuning_contexts(subject: Subject, seed: int = 0) -> list[Scene]:
+    """NUM_EVAL_PROMPTS scenes to tune fine-tuning recipes on, never to report.
+
+    Each puts the subject on one of its training backgrounds at one of its training
+    positions, in a (background, position) pair no training image shows. So they share
+    no background and no position with the evaluation scenes, and the recipe is chosen
+    without looking at the prompts that measure it (docs/toyworld.md "Recipe").
+    """
+    index = SUBJECTS.index(subject) if subject in SUBJECTS else 0
+    train, _ = subject_contexts(subject, seed)
+    shown = {(s.background, s.position) for s in train}
+    pairs = [(bg, pos) for bg in dict.fromkeys(s.background for s in train)
+             for pos in dict.fromkeys(s.position for s in train) if (bg, pos) not in shown]
+    rng = np.random.default_rng([seed, index, 1])  # apart from subject_contexts' stream
+    chosen = [pairs[i] for i in rng.choice(len(pairs), NUM_EVAL_PROMPTS, replace=False)]
+    fixed = {"shape": subject.shape, "pattern": subject.pattern, "colour": subject.colour}
+    return [sample_scene(rng, background=bg, scene=SCENES[i % 2], position=pos, **fixed)
+            for i, (bg, pos) in enumerate(chosen)]
+
+
+def tuning_prompts(subject: Subject, seed: int = 0) -> list[str]:
+    """Prompts of tuning_contexts: the subject by its token, in contexts built from its
+    training images' backgrounds and positions, recombined."""
+    return [caption(s, token=subject.token) for s in tuning_contexts(subject, seed)]
+
+
 def evaluation_prompts(subject: Subject, seed: int = 0) -> list[str]:
     """Prompts placing the subject in contexts none of its images show."""
     return [caption(s, token=subject.token) for s in subject_contexts(subject, seed)[1]]
+
+
+def caption_template(scene: Scene) -> str:
+    """A subject photo's caption as a prompt template (tuneqdm.data.Subject.captions):
+    "a {token} {class_noun} on a blue floor, top left". It names what the photo shows
+    besides the subject, so fine-tuning binds the token to the subject alone."""
+    text = caption(scene, token="{token}")
+    head = f"a {{token}} {scene.shape}"
+    if not text.startswith(head):
+        raise ValueError(f"caption {text!r} does not start with {head!r}")
+    return "a {token} {class_noun}" + text[len(head):]
 
 
 def described_prompts(subject: Subject, seed: int = 0) -> list[str]:
@@ -112,12 +150,14 @@ def described_prompts(subject: Subject, seed: int = 0) -> list[str]:
 
 
 def write_examples(out: str | Path, seed: int = 0) -> Path:
-    """Write subjects.csv, subjects_eval.csv and subjects/<id>/<n>.png under `out`.
+    """Write subjects.csv, subjects_eval.csv and subjects/<id>/<n>.png under `out`, each
+    photo with its caption template beside it (<n>.txt, caption_template).
 
     Image folders in the CSV are relative to the CSV's folder ("subjects/<id>/"), as
     pipeline/manifest.py resolves them; `prompt` is an instance prompt template with
-    {token} and {class_noun}. Image folders hold PNGs only (the manifest refuses other
-    files there); the evaluation prompts go to subjects_eval.csv (subject_id, prompt).
+    {token} and {class_noun}, for photos without a caption. Image folders hold PNGs and
+    their captions only (the manifest refuses other files there); the evaluation
+    prompts go to subjects_eval.csv (subject_id, prompt).
     """
     from PIL import Image
 
@@ -129,6 +169,7 @@ def write_examples(out: str | Path, seed: int = 0) -> Path:
         train, evaluation = subject_contexts(subject, seed)
         for i, scene in enumerate(train):
             Image.fromarray(render(scene).image).save(folder / f"{i}.png", optimize=True)
+            (folder / f"{i}.txt").write_text(caption_template(scene) + "\n")
         rows.append({"subject_id": subject.subject_id,
                      "images": f"subjects/{subject.subject_id}/",
                      "class": subject.class_noun, "token": subject.token,

@@ -77,6 +77,19 @@ def test_the_words_row_prompts_the_subject_in_words(pipe):
     assert row["subject_colour"] >= 0.5, row
 
 
+def test_runs_score_the_tuning_prompts_when_told():
+    from toyworld.compare import run_prompts
+    from toyworld.subjects import evaluation_prompts, tuning_prompts
+
+    subject = get_subject("dotted-cross")
+    assert run_prompts(Method("full"), subject) == evaluation_prompts(subject)
+    assert run_prompts(Method("full"), subject, "tuning") == tuning_prompts(subject)
+    told = run_prompts(Method("words"), subject, "tuning")
+    assert [p.replace("red dotted cross", "vjd cross") for p in told] == tuning_prompts(subject)
+    with pytest.raises(ValueError, match=r"CompareConfig\.prompts='test'; allowed: evaluation"):
+        CompareConfig(prompts="test")
+
+
 def test_method_unet_copies_and_quantizes_without_touching_the_base(pipe):
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     unet = method_unet(pipe.unet, Method("tuneqdm", 3, 2))

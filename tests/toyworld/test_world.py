@@ -18,7 +18,15 @@ from toyworld.split import (
     sample_training_scene,
     training_caption,
 )
-from toyworld.subjects import SUBJECTS, evaluation_prompts, subject_contexts, write_examples
+from toyworld.subjects import (
+    SUBJECTS,
+    caption_template,
+    evaluation_prompts,
+    subject_contexts,
+    tuning_contexts,
+    tuning_prompts,
+    write_examples,
+)
 from toyworld.world import (
     COLOUR_NAMES,
     COLOURS,
@@ -140,6 +148,28 @@ def test_subjects_are_novel_and_evaluated_in_unseen_contexts():
         assert all(p.startswith(f"a {subject.token} {subject.shape} on a ") for p in prompts)
 
 
+def test_tuning_prompts_share_no_context_with_the_evaluation_prompts():
+    """Recipes are chosen on tuning_contexts: the subject on its training backgrounds
+    and positions, recombined, so nothing is tuned on what the table reports."""
+    for subject in SUBJECTS:
+        train, evaluation = subject_contexts(subject)
+        tuning = tuning_contexts(subject)
+        assert len(tuning) == len(evaluation)
+        assert tuning == tuning_contexts(subject)  # deterministic
+        assert {s.background for s in tuning} <= {s.background for s in train}
+        assert {s.position for s in tuning} <= {s.position for s in train}
+        assert not {(s.background, s.position) for s in tuning} & {
+            (s.background, s.position) for s in train}
+        assert not {s.background for s in tuning} & {s.background for s in evaluation}
+        assert not {s.position for s in tuning} & {s.position for s in evaluation}
+        assert len({(s.background, s.position) for s in tuning}) == len(tuning)
+        for scene in tuning:
+            assert (scene.shape, scene.pattern, scene.colour) == (
+                subject.shape, subject.pattern, subject.colour)
+            assert (scene.colour, scene.background) not in HELD_OUT_COLOUR_PAIRS
+        assert not set(tuning_prompts(subject)) & set(evaluation_prompts(subject))
+
+
 def test_examples_match_the_generator(tmp_path):
     write_examples(tmp_path / "examples")
     committed = (EXAMPLES / "subjects.csv").read_text()
@@ -148,12 +178,21 @@ def test_examples_match_the_generator(tmp_path):
         tmp_path / "examples" / "subjects_eval.csv").read_text()
     rows = list(csv.DictReader(committed.splitlines()))
     assert [r["subject_id"] for r in rows] == [s.subject_id for s in SUBJECTS]
-    for row in rows:
-        files = sorted((EXAMPLES / row["images"]).iterdir())
-        assert 4 <= len(files) <= 6 and all(f.suffix == ".png" for f in files)
-        for f in files:
+    for row, subject in zip(rows, SUBJECTS, strict=True):
+        files = sorted((EXAMPLES / row["images"]).glob("*.png"))
+        assert 4 <= len(files) <= 6
+        train, _ = subject_contexts(subject)
+        for f, scene in zip(files, train, strict=True):
             fresh = tmp_path / "examples" / row["images"] / f.name
             assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(fresh)))
+            # each photo's caption names its context, the subject by token and class
+            text = f.with_suffix(".txt").read_text()
+            assert text == fresh.with_suffix(".txt").read_text()
+            assert text.strip() == caption_template(scene)
+            assert text.strip().format(token=subject.token, class_noun=subject.shape) == (
+                caption(scene, token=subject.token))
+        assert sorted(p.name for p in (EXAMPLES / row["images"]).iterdir()) == sorted(
+            [f.name for f in files] + [f.with_suffix(".txt").name for f in files])
     size = sum(f.stat().st_size for f in EXAMPLES.rglob("*") if f.is_file())
     assert size < 2_000_000
 
