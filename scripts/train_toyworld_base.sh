@@ -5,7 +5,7 @@
 #   stage 2: continue UNet and text encoder with half of each batch at t >= 900,
 #            where the caption alone must place the object (position words);
 #   stage 3: stage 2's settings for 1,500 more steps, a fresh warm-up and decay
-#            (shapes: held-out 0.71 -> 0.80).
+#            (shapes: held-out 0.945 -> 0.977 in the current world).
 # Usage: bash scripts/train_toyworld_base.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
