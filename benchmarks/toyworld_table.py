@@ -284,6 +284,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """CompareConfig's defaults with what the command line sets."""
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr_full": args.lr_full,
+                 "lr_lora": args.lr_lora, "rel_lr": args.rel_lr,
+                 "guidance_scale": args.guidance_scale, "captioned": args.captioned}
+    return replace(CompareConfig(), rounding=args.rounding, prompts=args.prompts,
+                   **{k: v for k, v in overrides.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.memory_child:
@@ -292,17 +301,12 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.base / "model_index.json").is_file():
         raise SystemExit(f"--base {args.base}: no pipeline there (train it with "
                          "bash scripts/train_toyworld_base.sh)")
-    config = CompareConfig()
     methods = paper_methods()
     if args.quick:
         methods, args.seeds, args.subjects = QUICK_METHODS, [0], args.subjects[:2]
     if args.methods:
         methods = [Method.from_key(key) for key in dict.fromkeys(args.methods)]
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr_full": args.lr_full,
-                 "lr_lora": args.lr_lora, "rel_lr": args.rel_lr,
-                 "guidance_scale": args.guidance_scale, "captioned": args.captioned}
-    config = replace(config, rounding=args.rounding, prompts=args.prompts,
-                     **{k: v for k, v in overrides.items() if v is not None})
+    config = config_from_args(args)
     start = time.perf_counter()
     rows = run_grid(args.base, methods, args.subjects, args.seeds, config, args.workers,
                     grid_subjects=args.subjects)

@@ -161,6 +161,18 @@ def test_table_is_the_mean_over_runs_with_an_interval_over_subjects():
     assert table[0]["bytes"] == "1,234" and table[0]["peak"] == "3.0"
 
 
+def test_table_options_set_the_recipe_and_the_prompts():
+    bench = _benchmark_module()
+    default = bench.config_from_args(bench.parse_args([]))
+    assert default == CompareConfig() and default.captioned and default.prompts == "evaluation"
+    tuned = bench.config_from_args(bench.parse_args(
+        ["--prompts", "tuning", "--no-captioned", "--lr-full", "1e-4", "--rel-lr", "0.02",
+         "--guidance-scale", "3", "--steps", "60", "--batch-size", "2"]))
+    assert (tuned.prompts, tuned.captioned, tuned.lr_full, tuned.rel_lr) == (
+        "tuning", False, 1e-4, 0.02)
+    assert (tuned.guidance_scale, tuned.steps, tuned.batch_size) == (3.0, 60, 2)
+
+
 def test_claims_are_paired_tests_over_subjects():
     bench = _benchmark_module()
     methods = [Method("full"), Method("peqa", 4), Method("tuneqdm", 4, 1),
