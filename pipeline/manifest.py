@@ -111,6 +111,16 @@ class SubjectSpec:
         return [ref.caption or self.prompt for ref in self.images]
 
 
+    def sample_prompts(self, count: int) -> list[str]:
+        """`count` prompts to draw its samples from: with captions, its photos' captions
+        in turn, filled in (a caption names a context, so the sample shows the subject
+        somewhere it was trained to be drawn); else the instance prompt each time."""
+        templates = self.captions or [self.prompt]
+        return [templates[i % len(templates)].format(token=self.token,
+                                                     class_noun=self.class_noun)
+                for i in range(count)]
+
+
 def _image_dict(ref: ImageRef) -> dict[str, Any]:
     """A photo as stored in a job (and hashed: a caption-less photo hashes as before
     captions existed, so finished subjects still count on resume)."""

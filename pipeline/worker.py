@@ -309,16 +309,17 @@ def _subject_meta(spec: SubjectSpec, pipe, run: _Attempt, spec_hash: str,
 
 def _samples(pipe, job: Job, scale_set, settings: WorkSettings, seed: int,
              resolution: int) -> dict[str, list[bytes]]:
-    """PNG bytes of `settings.samples` images per subject, from its instance prompt."""
+    """PNG bytes of `settings.samples` images per subject, one per prompt of
+    SubjectSpec.sample_prompts (its photos' captions in turn, else its instance prompt)."""
     from tuneqdm.generate import generate
 
     if settings.samples <= 0:
         return {}
-    prompts = [spec.instance_prompt for spec in job.subjects]
+    prompts = [p for spec in job.subjects for p in spec.sample_prompts(settings.samples)]
     images = generate(pipe, prompts, scale_sets=scale_set, seed=seed,
                       num_inference_steps=settings.sample_steps,
                       guidance_scale=settings.guidance_scale, height=resolution,
-                      width=resolution, num_images_per_prompt=settings.samples)
+                      width=resolution, num_images_per_prompt=1)
     out: dict[str, list[bytes]] = {}
     for index, spec in enumerate(job.subjects):
         chunk = images[index * settings.samples:(index + 1) * settings.samples]

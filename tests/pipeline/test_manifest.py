@@ -120,6 +120,10 @@ def test_captions_beside_photos_are_read_checked_and_hashed(tmp_path):
     assert len(spec.images) == 3  # captions are not photos
     assert spec.captions == ["a photo of {token} {class_noun} on a sofa",
                              "a photo of {token} {class_noun}", "{token} asleep"]
+    # samples are drawn from the captions in turn, filled in
+    assert spec.sample_prompts(4) == ["a photo of sks dog on a sofa", "a photo of sks dog",
+                                      "sks asleep", "a photo of sks dog on a sofa"]
+    assert before.subjects[0].sample_prompts(2) == ["a photo of sks dog"] * 2
     (job,) = group_jobs([spec])
     assert Job.from_dict(job.to_dict()) == job
     assert job.spec_hash({}) != before.spec_hash({})
