@@ -20,7 +20,7 @@
 --period 4 --anchor box renders the probes' scenes as the first world did (2-px bands
 at each object's corner), for bases trained there (toyworld_pattern_probe.py).
 
-docs/toyworld.md ("Why patterns and positions failed", "Patterns: what a short
+docs/toyworld_history.md ("Why patterns and positions failed", "Patterns: what a short
 extra stage can and cannot teach") has the numbers.
 """
 

@@ -29,8 +29,9 @@ every world.
 
 Prints the quick checks during training, the held-out accuracy (128 prompts, 25 DDIM
 steps, guidance 4) of BASE and of the result, and which pattern each prompted pattern
-was read as; --json writes it all. docs/toyworld.md ("Patterns: two probes") has the
-numbers. The continued base is saved to --out; nothing is committed from it.
+was read as; --json writes it all. docs/toyworld_history.md ("Patterns: what a short
+extra stage can and cannot teach") has the numbers. The continued base is saved to
+--out; nothing is committed from it.
 """
 
 from __future__ import annotations

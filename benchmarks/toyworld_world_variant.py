@@ -19,7 +19,7 @@ Stages chained with --resume-from must all run in the same variant.
 
 The committed world is --sizes 16 17 18 --centres 10 16 22 (toyworld/world.py); the
 worlds before it, --sizes 10 11 12 13 14 --centres 8 16 24.
-docs/toyworld.md ("Larger objects") has what a base trained in a variant draws.
+docs/toyworld_history.md ("Larger objects") has what a base trained in a variant draws.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Reads any output of `tuneqdm-pipeline submit` (a local folder or s3://) through the
 artefact store: only subjects that `verify_subject` accepts, their `photos/NN.png`
 (thumbnails of the training photos) and `samples/NN.png` (generated from the photos'
-captions in turn, else the instance prompt). One row per subject, photos left, samples right, nearest-neighbour zoom.
+captions in turn, else the instance prompt). One row per subject, photos left,
+samples right, nearest-neighbour zoom.
 
     python scripts/demo_montage.py outputs/demo --out docs/demo_montage.png
 """

@@ -75,7 +75,7 @@ class BaseConfig:
     object_loss_weight: float = 4.0
     # Object pixels (grown by 1 px) of striped, dotted and checkered objects weigh this
     # much more again: tried as a third stage for patterns, which no stage learnt to
-    # draw; it did not help (docs/toyworld.md, "Patterns: what a short extra stage...").
+    # draw; it did not help (docs/toyworld_history.md, "Patterns: what a short extra stage...").
     pattern_loss_weight: float = 0.0
     # This fraction of each batch draws its timestep from [high_noise_from, 1000)
     # instead of uniformly (sample_timesteps says why).

@@ -18,7 +18,7 @@ Patterns lie on the image's grid (anchored at pixel (0, 0), not at the object), 
 period. The first world drew 2-px bands anchored at each object's corner, and no base
 trained here learnt to draw them (pattern accuracy 0.50); coarser patterns on one fixed
 grid line up with the UNet's own 2x downsamplings: a 4-px band is one cell of its 8x8
-level, where the caption enters (docs/toyworld.md, "Patterns").
+level, where the caption enters (docs/toyworld_history.md, "Patterns").
 
 Colours: each named colour has a main RGB value and a "shade" (darker, or lighter for
 black) used for patterns on objects and for the floor band of a scene. A pixel's colour
@@ -64,7 +64,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
 }
 # A centroid's column (row) is left (top) below 13, right (bottom) from 19 on.
 POSITION_BOUNDARIES = (13.0, 19.0)
-SIZES = (16, 17, 18)  # object box side in pixels (docs/toyworld.md "Larger objects")
+SIZES = (16, 17, 18)  # object box side in pixels (docs/toyworld.md "The world")
 JITTER = 1  # centres move by up to this many pixels in x and y
 
 # Rare tokens ("sks"-style) for subjects: single tokens of the tokenizer that no base
