@@ -40,7 +40,8 @@ def list_images(source: str, base_dir: Path,
     with no photo of its name raises ValueError.
     """
     if is_remote(source):
-        return _with_captions(_list_remote(source, storage_options), storage_options)
+        refs, folder = _list_remote(source, storage_options)
+        return _with_captions(refs, storage_options, folder)
     path = Path(source).expanduser()
     if not path.is_absolute():
         path = base_dir / path
@@ -55,14 +56,16 @@ def list_images(source: str, base_dir: Path,
     files = [f for f in files if f.is_file() and not _hidden(f.name)]
     refs = sorted((ImageRef(str(f.resolve()), f.stat().st_size) for f in files),
                   key=lambda r: r.uri)
-    return _with_captions(refs, storage_options)
+    folder = path.is_dir() and not any(ch in source for ch in "*?[")
+    return _with_captions(refs, storage_options, folder)
 
 
-def _with_captions(refs: list[ImageRef],
-                   storage_options: dict[str, Any] | None) -> list[ImageRef]:
+def _with_captions(refs: list[ImageRef], storage_options: dict[str, Any] | None,
+                   folder: bool) -> list[ImageRef]:
     """The photos of a listing, each with its sidecar caption (read here); the
-    captions themselves leave the list. A photo matched by a glob finds its caption
-    even when the glob did not list it."""
+    captions themselves leave the list. A folder's listing holds its captions, so
+    only those are read; a photo matched by a glob or named alone is looked for a
+    caption beside it (one round trip per photo on object storage)."""
     captions = {r.uri for r in refs if r.uri.lower().endswith(CAPTION_SUFFIX)}
     photos = [r for r in refs if r.uri not in captions]
     stems = {_stem(r.uri) for r in photos}
@@ -70,7 +73,9 @@ def _with_captions(refs: list[ImageRef],
     if orphans:
         raise ValueError(f"{orphans[0]}: a caption with no photo of the same name "
                          f"(a caption is <photo name>{CAPTION_SUFFIX}, beside the photo)")
-    return [ImageRef(r.uri, r.size, _read_caption(caption_uri(r.uri), storage_options))
+    return [ImageRef(r.uri, r.size,
+                     _read_caption(caption_uri(r.uri), storage_options)
+                     if not folder or caption_uri(r.uri) in captions else None)
             for r in photos]
 
 
@@ -110,24 +115,28 @@ def _read_caption(uri: str, storage_options: dict[str, Any] | None) -> str | Non
     return text
 
 
-def _list_remote(source: str, storage_options: dict[str, Any] | None) -> list[ImageRef]:
+def _list_remote(source: str,
+                 storage_options: dict[str, Any] | None) -> tuple[list[ImageRef], bool]:
+    """(the files a remote `images` cell names, whether it named a whole folder)."""
     from fsspec.core import url_to_fs
 
     fs, path = url_to_fs(source, **(storage_options or {}))
     protocol = source.split("://", 1)[0]
     fs.invalidate_cache()
+    folder = False
     if any(ch in path for ch in "*?["):
         infos = [fs.info(p) for p in fs.glob(path)]
     elif fs.isfile(path):
         infos = [fs.info(path)]
     else:
-        infos = fs.ls(path.rstrip("/"), detail=True)
-    return sorted(
+        infos, folder = fs.ls(path.rstrip("/"), detail=True), True
+    refs = sorted(
         (ImageRef(f"{protocol}://{info['name']}", int(info.get("size") or 0))
          for info in infos if info.get("type") == "file"
          and not _hidden(info["name"])),
         key=lambda r: r.uri,
     )
+    return refs, folder
 
 
 def read_image_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:

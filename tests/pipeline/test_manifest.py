@@ -120,6 +120,10 @@ def test_captions_beside_photos_are_read_checked_and_hashed(tmp_path):
     assert len(spec.images) == 3  # captions are not photos
     assert spec.captions == ["a photo of {token} {class_noun} on a sofa",
                              "a photo of {token} {class_noun}", "{token} asleep"]
+    # a glob lists only photos: their captions are found beside them all the same
+    glob = [{"subject_id": "dog", "images": str(folder / "*.jpg"), "class": "dog"}]
+    (globbed,) = load_manifest(write_csv(tmp_path / "g.csv", glob))
+    assert globbed.captions == spec.captions
     # samples are drawn from the captions in turn, filled in
     assert spec.sample_prompts(4) == ["a photo of sks dog on a sofa", "a photo of sks dog",
                                       "sks asleep", "a photo of sks dog on a sofa"]
