@@ -110,7 +110,6 @@ class SubjectSpec:
             return None
         return [ref.caption or self.prompt for ref in self.images]
 
-
     def sample_prompts(self, count: int) -> list[str]:
         """`count` prompts to draw its samples from: with captions, its photos' captions
         in turn, filled in (a caption names a context, so the sample shows the subject
