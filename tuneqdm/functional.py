@@ -9,19 +9,16 @@ docs/design.md §2: diagonal scales move from the weight onto the activations,
 Two paths, chosen per call by `scaled_quant_linear` / `scaled_quant_conv2d`:
 
 - Training (autograd records and something needs a gradient): the autograd Functions
-  below. In float32/float64 the zero point is folded out of the weight so the
-  integers are only ever cast, never rewritten:  (W_q - z) @ v = W_u @ v - z_u * sum(v)
-  with W_u = W_q - qmin (unsigned, straight from the packed bytes) and z_u = z - qmin;
-  for a conv the sum is a box filter over each group's kernel window (a conv with a
-  cached all-ones kernel). In bf16/fp16 the two terms (each ~z_u * sum(v)) would be
-  rounded to 8 or 11 bits before they cancel, which cost 8% relative error through a
-  tiny UNet (tests/tuneqdm/test_bf16.py); there the weight is expanded as W_q - z
-  instead, integers in [-255, 255], exact in both formats, and nothing cancels.
-  Autograd keeps the layer input and the pre-scale output u; the float weight is
-  re-expanded from the packed integers in backward and never saved.
+  below, on the centred weight W_q - z expanded from the packed integers (integers in
+  [-255, 255], exact in every float format; the cast, the shift and the centring are
+  one pass, packed.PackedWeight.centred). Autograd keeps the layer input and the
+  pre-scale output u; the weight is re-expanded in backward and never saved. (An
+  earlier fp32 path folded the zero point out instead, W_u v - z_u sum(v) with a box
+  filter for convs; in bf16 the two terms cancelled to 8 % error, and in fp32 the
+  extra box convolutions cost 13 % of a toy-world training step: docs/benchmarks.md.)
 - Inference (no gradient wanted): the centred weight W_q - z (from the layer's cache,
   `tuneqdm.inference.cache_expanded_weights`, or expanded in one pass), one matmul or
-  conv, no box filter, nothing saved, the output scaled and biased in place.
+  conv, nothing saved, the output scaled and biased in place.
 
 In fp16 the centred weight is pre-scaled per output row by a power of two near s0
 (packed.fp16_row_factor) so that u, otherwise in integer units (about 1/s0 times the
@@ -39,7 +36,6 @@ element-wise passes over its activations.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -67,21 +63,11 @@ class ConvGeometry:
     groups: int
 
 
-def _expanded(weight: PackedWeight, dtype: torch.dtype, use_cache: bool = False):
-    """The kernels' weight, (W, z_u or None, factor or None).
-
-    float32/float64 without a usable cache (always so in training): (W_u, z_u, None),
-    the caller subtracts z_u * sum. Otherwise the centred W_q - z from
-    `PackedWeight.centred` (exact in bf16/fp16, pre-scaled by the fp16 row factor):
-    (W, None, factor). W is transient unless it is the cache: never write into it.
-    """
-    fold = dtype in (torch.float32, torch.float64)
-    if fold and use_cache and weight.cached is not None:
-        fold = not weight.cached.serves(weight.packed, dtype)
-    if fold:
-        return weight.expand_transient(dtype), weight.zero_u.to(dtype), None
-    w, factor = weight.centred(dtype)
-    return w, None, factor
+def _expanded(weight: PackedWeight, dtype: torch.dtype):
+    """The kernels' centred weight and its row factor, (W, factor or None): W = (W_q - z)
+    times the fp16 row factor (`PackedWeight.centred`), from the layer's cache when it
+    holds `dtype`. W is transient unless it is the cache: never write into it."""
+    return weight.centred(dtype)
 
 
 def _divided(scale_out: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
@@ -105,42 +91,25 @@ def _scale_and_bias(u, scale, bias, view, in_place: bool = False) -> torch.Tenso
     return torch.addcmul(bias.to(u.dtype).view(view), u, scale, out=out)
 
 
-def _linear_u(xs: torch.Tensor, weight: PackedWeight, use_cache: bool):
+def _linear_u(xs: torch.Tensor, weight: PackedWeight):
     """(u, factor): u = ((W_q - z) @ xs) * factor, (B, ..., out); xs (B, ..., in)."""
-    w, zero, factor = _expanded(weight, xs.dtype, use_cache)
-    u = F.linear(xs, w)
-    if zero is not None:  # u -= z_u * sum(xs), in place
-        u.addcmul_(xs.sum(dim=-1, keepdim=True), zero, value=-1)
-    return u, factor
+    w, factor = _expanded(weight, xs.dtype)
+    return F.linear(xs, w), factor
 
 
 def _conv_u(xs: torch.Tensor, weight: PackedWeight, geo: ConvGeometry, use_cache: bool):
-    """(u, factor): u = conv(xs, W_q - z) * factor, (B, Cout, H', W'); xs (B, Cin, H, W)."""
+    """(u, factor): u = conv(xs, W_q - z) * factor, (B, Cout, H', W'); xs (B, Cin, H, W).
+    `use_cache`: the cache may be read in oneDNN's layout (inference only)."""
     onednn = _onednn_weight(xs, weight, geo) if use_cache else None
-    if onednn is not None:  # the cache, in oneDNN's layout: centred, nothing to fold
+    if onednn is not None:  # the cache, in oneDNN's layout
         args = (list(geo.padding), list(geo.stride), list(geo.dilation), geo.groups)
         # (small inputs only: at most a quarter of the weight, so making one contiguous,
         # as the UNet's 8 x 8 activations are not, costs little)
         xs = xs.contiguous()
         u = torch.ops.mkldnn._convolution_pointwise(xs, onednn, None, *args, "none", [], "")
         return u, None
-    w, zero, factor = _expanded(weight, xs.dtype, use_cache)  # (Cout, Cin / groups, kh, kw)
-    u = F.conv2d(xs, w, None, geo.stride, geo.padding, geo.dilation, geo.groups)
-    if zero is not None:
-        box = F.conv2d(
-            xs,
-            _box_kernel(weight, geo, xs),
-            None,
-            geo.stride,
-            geo.padding,
-            geo.dilation,
-            geo.groups,
-        )  # (B, groups, H', W')
-        # u -= z_u * box, in place; output channel o reads the box of its group
-        groups, per_group = geo.groups, weight.shape[0] // geo.groups
-        u_grouped = u.unflatten(1, (groups, per_group))  # (B, G, Cout / G, H', W')
-        u_grouped.addcmul_(box.unsqueeze(2), zero.view(1, groups, per_group, 1, 1), value=-1)
-    return u, factor
+    w, factor = _expanded(weight, xs.dtype)  # (Cout, Cin / groups, kh, kw)
+    return F.conv2d(xs, w, None, geo.stride, geo.padding, geo.dilation, geo.groups), factor
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -214,7 +183,7 @@ def scaled_quant_linear(x, scale_in, scale_out, bias, weight: PackedWeight) -> t
     if w is not None:
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     xs = x if scale_in is None else x * _per_sample(scale_in, x.dim(), -1, x.dtype)
-    u, factor = _linear_u(xs, weight, use_cache=True)
+    u, factor = _linear_u(xs, weight)
     scale = _per_sample(_divided(scale_out, factor), u.dim(), -1, u.dtype)
     return _scale_and_bias(u, scale, bias, (-1,), in_place=True)
 
@@ -224,7 +193,7 @@ def scaled_quant_conv2d(
 ) -> torch.Tensor:
     """y = s_out * conv(s_in x, W_q - z) + bias; shapes as `ScaledQuantConv2d`.
 
-    Dispatches like `scaled_quant_linear`; with a cached weight no box filter runs.
+    Dispatches like `scaled_quant_linear`.
     """
     amp = _autocast_dtype(x)
     if amp is not None:
@@ -244,7 +213,7 @@ def scaled_quant_conv2d(
 
 
 class ScaledQuantLinear(torch.autograd.Function):
-    """y = s_out * (W_u @ (s_in x) - z_u * sum(s_in x)) + bias, per-sample scales.
+    """y = s_out * ((W_q - z) @ (s_in x)) + bias, per-sample scales.
 
     x: (B, ..., in); scale_in: (B, in) or None (PEQA); scale_out: (B, out);
     bias: (out,) or None. Returns (B, ..., out).
@@ -253,7 +222,7 @@ class ScaledQuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale_in, scale_out, bias, weight: PackedWeight):
         xs = x if scale_in is None else x * _per_sample(scale_in, x.dim(), -1, x.dtype)
-        u, factor = _linear_u(xs, weight, use_cache=False)  # (B, ..., out)
+        u, factor = _linear_u(xs, weight)  # (B, ..., out)
         del xs
         scale = _per_sample(_divided(scale_out, factor), u.dim(), -1, u.dtype)
         y = _scale_and_bias(u, scale, bias, (-1,))
@@ -273,11 +242,9 @@ class ScaledQuantLinear(torch.autograd.Function):
         grad_scale_in = grad_x = None
         want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
         if ctx.needs_input_grad[0] or want_scale_in:
-            w, zero, _ = _expanded(weight, grad_u.dtype)
+            w, _ = _expanded(weight, grad_u.dtype)
             grad_xs = torch.matmul(grad_u, w)  # (B, ..., in)
             del w
-            if zero is not None:
-                grad_xs -= (grad_u @ zero).unsqueeze(-1)
             if want_scale_in:
                 grad_scale_in = _reduce(grad_xs * x, sum_dims).to(scale_in.dtype)
             if ctx.needs_input_grad[0]:
@@ -291,7 +258,7 @@ class ScaledQuantLinear(torch.autograd.Function):
 
 
 class ScaledQuantConv2d(torch.autograd.Function):
-    """y = s_out * (conv(s_in x, W_u) - z_u * box(s_in x)) + bias, per-sample scales.
+    """y = s_out * conv(s_in x, W_q - z) + bias, per-sample scales.
 
     x: (B, Cin, H, W) already padded if the layer's padding is not plain zeros;
     scale_in: (B, Cin) or None; scale_out: (B, Cout); bias: (Cout,) or None.
@@ -320,14 +287,9 @@ class ScaledQuantConv2d(torch.autograd.Function):
         grad_scale_in = grad_x = None
         want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
         if ctx.needs_input_grad[0] or want_scale_in:
-            w, zero, _ = _expanded(weight, grad_u.dtype)
+            w, _ = _expanded(weight, grad_u.dtype)
             grad_xs = _conv_input_grad(x, w, grad_u, geo)
             del w
-            if zero is not None:
-                # the box term: grad_box[b, g] = sum over g's outputs o of z_u[o] grad_u[b, o],
-                # a grouped 1x1 conv with the zero points as its kernel
-                grad_box = F.conv2d(grad_u, zero.view(geo.groups, -1, 1, 1), groups=geo.groups)
-                grad_xs -= _conv_input_grad(x, _box_kernel(weight, geo, x), grad_box, geo)
             if want_scale_in:
                 grad_scale_in = (grad_xs * x).sum(dim=(2, 3)).to(scale_in.dtype)
             if ctx.needs_input_grad[0]:
@@ -351,22 +313,6 @@ def _grad_scale_out(grad_y_u, dims, factor, dtype) -> torch.Tensor:
         return _reduce(grad_y_u, dims).to(dtype)
     summed = grad_y_u.sum(dim=dims, dtype=torch.float32) if dims else grad_y_u.float()
     return (summed / factor).to(dtype)
-
-
-def _box_kernel(weight: PackedWeight, geo: ConvGeometry, like: torch.Tensor) -> torch.Tensor:
-    """All-ones kernel (groups, Cin / groups, kh, kw): sums each group's window."""
-    _, cin_per_group, kh, kw = weight.shape
-    if torch.compiler.is_compiling():  # a constant in the graph; no Python-side cache
-        return torch.ones(geo.groups, cin_per_group, kh, kw, dtype=like.dtype, device=like.device)
-    return _ones(geo.groups, cin_per_group, kh, kw, like.dtype, like.device)
-
-
-@functools.lru_cache(maxsize=256)
-def _ones(groups, cin_per_group, kh, kw, dtype, device) -> torch.Tensor:
-    """A cached all-ones kernel (a few KB each; the UNet has a few dozen shapes).
-    A normal tensor even under inference_mode, so that backward may use it too."""
-    with torch.inference_mode(False):
-        return torch.ones(groups, cin_per_group, kh, kw, dtype=dtype, device=device)
 
 
 def _conv_input_grad(x, kernel, grad_out, geo: ConvGeometry) -> torch.Tensor:

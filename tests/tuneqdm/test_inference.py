@@ -25,7 +25,7 @@ from tuneqdm.inference import (
     clear_expanded_weights,
     expanded_weight_bytes,
 )
-from tuneqdm.packed import fp16_row_factor
+from tuneqdm.packed import EXPANDED_WEIGHT, fp16_row_factor
 
 LAYERS = [
     ("linear-3d", lambda: nn.Linear(12, 10), (3, 4, 12)),
@@ -141,6 +141,37 @@ def test_no_grad_skips_autograd_and_grad_uses_it():
     linear.router = None
     backward = type(linear(torch.randn(2, 12)).grad_fn).__name__
     assert backward == ScaledQuantLinear.__name__ + "Backward"
+
+
+@pytest.mark.parametrize("name,factory,shape", LAYERS, ids=[c[0] for c in LAYERS])
+@pytest.mark.parametrize("config_name,config", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_training_with_the_cache_matches_bit_exactly(name, factory, shape, config_name, config):
+    """Training reads the cache when it holds the compute dtype: the same output and
+    the same gradients for x, s_in and s_out as expanding per call, bit for bit."""
+    _, layer = quantized(factory, config, torch.float32)
+    torch.manual_seed(1)
+    layer.router.rows = torch.randint(0, config.num_experts, (shape[0],))
+    x = torch.randn(shape)
+    grad_y = torch.randn_like(layer(x))
+    results = []
+    for cached in (False, True):
+        if cached:
+            assert cache_expanded_weights(layer) > 0
+        xr = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        y = layer(xr)
+        y.backward(grad_y)
+        grads = [xr.grad, layer.scale_out.grad]
+        if layer.scale_in is not None:
+            grads.append(layer.scale_in.grad)
+        results.append([y.detach(), *grads])
+    for plain, fast in zip(*results, strict=True):
+        assert torch.equal(plain, fast)
+    # and the cache is what training read: a doctored one changes the output
+    cache = layer.__dict__[EXPANDED_WEIGHT]
+    cache.weight = cache.weight * 2
+    assert not torch.equal(layer(x.clone().requires_grad_(True)).detach(), results[0][0])
+    clear_expanded_weights(layer)
 
 
 def test_cache_bytes_clear_and_staleness():
