@@ -9,16 +9,24 @@ docs/design.md §2: diagonal scales move from the weight onto the activations,
 Two paths, chosen per call by `scaled_quant_linear` / `scaled_quant_conv2d`:
 
 - Training (autograd records and something needs a gradient): the autograd Functions
-  below, on the centred weight W_q - z expanded from the packed integers (integers in
-  [-255, 255], exact in every float format; the cast, the shift and the centring are
-  one pass, packed.PackedWeight.centred). Autograd keeps the layer input and the
-  pre-scale output u; the weight is re-expanded in backward and never saved. (An
-  earlier fp32 path folded the zero point out instead, W_u v - z_u sum(v) with a box
-  filter for convs; in bf16 the two terms cancelled to 8 % error, and in fp32 the
-  extra box convolutions cost 13 % of a toy-world training step: docs/benchmarks.md.)
+  below. In float32/float64 the zero point is folded out of the weight so the
+  integers are only ever cast, never rewritten:  (W_q - z) @ v = W_u @ v - z_u * sum(v)
+  with W_u = W_q - qmin (unsigned, straight from the packed bytes) and z_u = z - qmin;
+  for a conv the sum is a box filter over each group's kernel window (a conv with a
+  cached all-ones kernel). In bf16/fp16 the two terms (each ~z_u * sum(v)) would be
+  rounded to 8 or 11 bits before they cancel, which cost 8% relative error through a
+  tiny UNet (tests/tuneqdm/test_bf16.py); there the weight is expanded as W_q - z
+  instead, integers in [-255, 255], exact in both formats, and nothing cancels.
+  Autograd keeps the layer input and the pre-scale output u; the float weight is
+  re-expanded from the packed integers in backward and never saved. A layer whose
+  centred weight is cached in the compute dtype (`tuneqdm.inference.
+  cache_expanded_weights`: serving, or training a small model) reads the cache in
+  forward and backward instead, nothing folded. Why fp32 folds rather than centres
+  when nothing is cached: on the SD v1.5 UNet, centring made a training step 15-20 %
+  slower (docs/benchmarks.md, "The zero-point fold, measured again").
 - Inference (no gradient wanted): the centred weight W_q - z (from the layer's cache,
   `tuneqdm.inference.cache_expanded_weights`, or expanded in one pass), one matmul or
-  conv, nothing saved, the output scaled and biased in place.
+  conv, no box filter, nothing saved, the output scaled and biased in place.
 
 In fp16 the centred weight is pre-scaled per output row by a power of two near s0
 (packed.fp16_row_factor) so that u, otherwise in integer units (about 1/s0 times the
@@ -36,6 +44,7 @@ element-wise passes over its activations.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -64,10 +73,21 @@ class ConvGeometry:
 
 
 def _expanded(weight: PackedWeight, dtype: torch.dtype):
-    """The kernels' centred weight and its row factor, (W, factor or None): W = (W_q - z)
-    times the fp16 row factor (`PackedWeight.centred`), from the layer's cache when it
-    holds `dtype`. W is transient unless it is the cache: never write into it."""
-    return weight.centred(dtype)
+    """The kernels' weight, (W, z_u or None, factor or None).
+
+    The layer's cached centred weight when it holds `dtype` (PackedWeight.centred
+    checks): (W, None, factor). Else, in float32/float64, (W_u, z_u, None), the caller
+    subtracts z_u * sum; in bf16/fp16 the centred W_q - z (exact there, pre-scaled by
+    the fp16 row factor): (W, None, factor). W is transient unless it is the cache:
+    never write into it.
+    """
+    fold = dtype in (torch.float32, torch.float64)
+    if fold and weight.cached is not None:
+        fold = not weight.cached.serves(weight.packed, dtype)
+    if fold:
+        return weight.expand_transient(dtype), weight.zero_u.to(dtype), None
+    w, factor = weight.centred(dtype)
+    return w, None, factor
 
 
 def _divided(scale_out: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
@@ -93,23 +113,41 @@ def _scale_and_bias(u, scale, bias, view, in_place: bool = False) -> torch.Tenso
 
 def _linear_u(xs: torch.Tensor, weight: PackedWeight):
     """(u, factor): u = ((W_q - z) @ xs) * factor, (B, ..., out); xs (B, ..., in)."""
-    w, factor = _expanded(weight, xs.dtype)
-    return F.linear(xs, w), factor
+    w, zero, factor = _expanded(weight, xs.dtype)
+    u = F.linear(xs, w)
+    if zero is not None:  # u -= z_u * sum(xs), in place
+        u.addcmul_(xs.sum(dim=-1, keepdim=True), zero, value=-1)
+    return u, factor
 
 
 def _conv_u(xs: torch.Tensor, weight: PackedWeight, geo: ConvGeometry, use_cache: bool):
     """(u, factor): u = conv(xs, W_q - z) * factor, (B, Cout, H', W'); xs (B, Cin, H, W).
-    `use_cache`: the cache may be read in oneDNN's layout (inference only)."""
+    `use_cache`: a cached weight may be read in oneDNN's layout (inference only)."""
     onednn = _onednn_weight(xs, weight, geo) if use_cache else None
-    if onednn is not None:  # the cache, in oneDNN's layout
+    if onednn is not None:  # the cache, in oneDNN's layout: centred, nothing to fold
         args = (list(geo.padding), list(geo.stride), list(geo.dilation), geo.groups)
         # (small inputs only: at most a quarter of the weight, so making one contiguous,
         # as the UNet's 8 x 8 activations are not, costs little)
         xs = xs.contiguous()
         u = torch.ops.mkldnn._convolution_pointwise(xs, onednn, None, *args, "none", [], "")
         return u, None
-    w, factor = _expanded(weight, xs.dtype)  # (Cout, Cin / groups, kh, kw)
-    return F.conv2d(xs, w, None, geo.stride, geo.padding, geo.dilation, geo.groups), factor
+    w, zero, factor = _expanded(weight, xs.dtype)  # (Cout, Cin / groups, kh, kw)
+    u = F.conv2d(xs, w, None, geo.stride, geo.padding, geo.dilation, geo.groups)
+    if zero is not None:
+        box = F.conv2d(
+            xs,
+            _box_kernel(weight, geo, xs),
+            None,
+            geo.stride,
+            geo.padding,
+            geo.dilation,
+            geo.groups,
+        )  # (B, groups, H', W')
+        # u -= z_u * box, in place; output channel o reads the box of its group
+        groups, per_group = geo.groups, weight.shape[0] // geo.groups
+        u_grouped = u.unflatten(1, (groups, per_group))  # (B, G, Cout / G, H', W')
+        u_grouped.addcmul_(box.unsqueeze(2), zero.view(1, groups, per_group, 1, 1), value=-1)
+    return u, factor
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -193,7 +231,7 @@ def scaled_quant_conv2d(
 ) -> torch.Tensor:
     """y = s_out * conv(s_in x, W_q - z) + bias; shapes as `ScaledQuantConv2d`.
 
-    Dispatches like `scaled_quant_linear`.
+    Dispatches like `scaled_quant_linear`; with a cached weight no box filter runs.
     """
     amp = _autocast_dtype(x)
     if amp is not None:
@@ -213,7 +251,7 @@ def scaled_quant_conv2d(
 
 
 class ScaledQuantLinear(torch.autograd.Function):
-    """y = s_out * ((W_q - z) @ (s_in x)) + bias, per-sample scales.
+    """y = s_out * (W_u @ (s_in x) - z_u * sum(s_in x)) + bias, per-sample scales.
 
     x: (B, ..., in); scale_in: (B, in) or None (PEQA); scale_out: (B, out);
     bias: (out,) or None. Returns (B, ..., out).
@@ -242,9 +280,11 @@ class ScaledQuantLinear(torch.autograd.Function):
         grad_scale_in = grad_x = None
         want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
         if ctx.needs_input_grad[0] or want_scale_in:
-            w, _ = _expanded(weight, grad_u.dtype)
+            w, zero, _ = _expanded(weight, grad_u.dtype)
             grad_xs = torch.matmul(grad_u, w)  # (B, ..., in)
             del w
+            if zero is not None:
+                grad_xs -= (grad_u @ zero).unsqueeze(-1)
             if want_scale_in:
                 grad_scale_in = _reduce(grad_xs * x, sum_dims).to(scale_in.dtype)
             if ctx.needs_input_grad[0]:
@@ -258,7 +298,7 @@ class ScaledQuantLinear(torch.autograd.Function):
 
 
 class ScaledQuantConv2d(torch.autograd.Function):
-    """y = s_out * conv(s_in x, W_q - z) + bias, per-sample scales.
+    """y = s_out * (conv(s_in x, W_u) - z_u * box(s_in x)) + bias, per-sample scales.
 
     x: (B, Cin, H, W) already padded if the layer's padding is not plain zeros;
     scale_in: (B, Cin) or None; scale_out: (B, Cout); bias: (Cout,) or None.
@@ -287,9 +327,14 @@ class ScaledQuantConv2d(torch.autograd.Function):
         grad_scale_in = grad_x = None
         want_scale_in = scale_in is not None and ctx.needs_input_grad[1]
         if ctx.needs_input_grad[0] or want_scale_in:
-            w, _ = _expanded(weight, grad_u.dtype)
+            w, zero, _ = _expanded(weight, grad_u.dtype)
             grad_xs = _conv_input_grad(x, w, grad_u, geo)
             del w
+            if zero is not None:
+                # the box term: grad_box[b, g] = sum over g's outputs o of z_u[o] grad_u[b, o],
+                # a grouped 1x1 conv with the zero points as its kernel
+                grad_box = F.conv2d(grad_u, zero.view(geo.groups, -1, 1, 1), groups=geo.groups)
+                grad_xs -= _conv_input_grad(x, _box_kernel(weight, geo, x), grad_box, geo)
             if want_scale_in:
                 grad_scale_in = (grad_xs * x).sum(dim=(2, 3)).to(scale_in.dtype)
             if ctx.needs_input_grad[0]:
@@ -313,6 +358,22 @@ def _grad_scale_out(grad_y_u, dims, factor, dtype) -> torch.Tensor:
         return _reduce(grad_y_u, dims).to(dtype)
     summed = grad_y_u.sum(dim=dims, dtype=torch.float32) if dims else grad_y_u.float()
     return (summed / factor).to(dtype)
+
+
+def _box_kernel(weight: PackedWeight, geo: ConvGeometry, like: torch.Tensor) -> torch.Tensor:
+    """All-ones kernel (groups, Cin / groups, kh, kw): sums each group's window."""
+    _, cin_per_group, kh, kw = weight.shape
+    if torch.compiler.is_compiling():  # a constant in the graph; no Python-side cache
+        return torch.ones(geo.groups, cin_per_group, kh, kw, dtype=like.dtype, device=like.device)
+    return _ones(geo.groups, cin_per_group, kh, kw, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _ones(groups, cin_per_group, kh, kw, dtype, device) -> torch.Tensor:
+    """A cached all-ones kernel (a few KB each; the UNet has a few dozen shapes).
+    A normal tensor even under inference_mode, so that backward may use it too."""
+    with torch.inference_mode(False):
+        return torch.ones(groups, cin_per_group, kh, kw, dtype=dtype, device=device)
 
 
 def _conv_input_grad(x, kernel, grad_out, geo: ConvGeometry) -> torch.Tensor:

