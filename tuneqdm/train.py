@@ -369,14 +369,19 @@ def _parameter_groups(unet: nn.Module, config: TrainConfig) -> list[dict[str, An
     from peft import LoraConfig
 
     if not getattr(unet, "peft_config", None):
-        unet.add_adapter(
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        # peft draws the initial LoRA weights from torch's global generator: seed it
+        # from the run's seed (and put it back after), so that a run is a function of
+        # its config, not of whatever the process drew before
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            unet.add_adapter(
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                )
             )
-        )
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
