@@ -153,7 +153,8 @@ class CompareConfig:
     captioned: bool = True
     # keep the quantized UNet's centred weights expanded in fp32 while it trains and
     # generates (tuneqdm.inference.cache_expanded_weights): 6.3 MiB on the toy UNet,
-    # a quarter of a scale method's training time. Numbers are unchanged; the table's
+    # a quarter of a scale method's training time. Numbers move by float rounding only
+    # (the uncached fp32 kernels fold the zero point out); the table's
     # peak-memory column is measured without it (the product's lean default).
     cache_weights: bool = True
 

@@ -22,7 +22,7 @@ Two paths, chosen per call by `scaled_quant_linear` / `scaled_quant_conv2d`:
   centred weight is cached in the compute dtype (`tuneqdm.inference.
   cache_expanded_weights`: serving, or training a small model) reads the cache in
   forward and backward instead, nothing folded. Why fp32 folds rather than centres
-  when nothing is cached: on the SD v1.5 UNet, centring made a training step 15-20 %
+  when nothing is cached: on the SD v1.5 UNet, centring made a training step 15-35 %
   slower (docs/benchmarks.md, "The zero-point fold, measured again").
 - Inference (no gradient wanted): the centred weight W_q - z (from the layer's cache,
   `tuneqdm.inference.cache_expanded_weights`, or expanded in one pass), one matmul or
