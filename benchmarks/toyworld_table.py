@@ -53,6 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = ROOT / "models" / "toyworld-base"
 QUICK_METHODS = [Method("none"), Method("full"), Method("peqa", 4), Method("tuneqdm", 4, 1),
                  Method("tuneqdm", 4, 4)]
+# rows --methods may ask for beyond the default table's: the quantized base prompted
+# with the subject's token (tables before session 17 had them)
+EXTRA_METHODS = [Method("none", bits) for bits in (8, 4, 3)]
 
 _WORKER: dict = {}
 
@@ -255,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subjects", nargs="+", default=[s.subject_id for s in SUBJECTS],
                         help="default: all 8")
     parser.add_argument("--methods", nargs="+", default=None, metavar="KEY",
-                        choices=[m.key for m in paper_methods()],
+                        choices=[m.key for m in [*paper_methods(), *EXTRA_METHODS]],
                         help="rows to run, by key (default: all; e.g. none-n1-fp32 "
                              "full-n1-fp32 peqa-n1-w4 tuneqdm-n4-w4)")
     parser.add_argument("--steps", type=int, default=None)

@@ -13,9 +13,10 @@ image against the renderer's ground truth (metrics.py):
 - prompt fidelity: the fraction of what the prompt asks beyond the subject that the
   image shows: its background colour and its position (the 3x3 cell), each 0 or 1.
 
-Methods: no fine-tuning (the float base, and the quantized base with s0 scales),
-the float base told the subject in words instead of its token ("a purple checkered
-star on ...": what it draws when told, a reference for what fine-tuning adds),
+Methods: no fine-tuning (the float base), the base told the subject in words instead
+of its token ("a purple checkered star on ...": what it draws when told, a reference
+for what fine-tuning adds), float and quantized with s0 scales (what quantization
+alone costs before any fine-tuning),
 full-precision DreamBooth (all UNet weights), LoRA r=4 on the attention projections,
 PEQA (s_out) and TuneQDM (s_out, s_in, N experts), at 8, 4 and 3 bits. Scale methods
 use one relative learning rate: lr_scale_out = rel_lr * mean(s0), so every bit width
@@ -52,7 +53,8 @@ PROMPT_SETS = ("evaluation", "tuning")
 @dataclass(frozen=True)
 class Method:
     """name: "none", "words", "full", "lora", "peqa" or "tuneqdm"; bits None = float
-    UNet. "words" is the untuned float base prompted with the subject in words.
+    UNet. "words" is the untuned base (float, or quantized at `bits` with its s0
+    scales) prompted with the subject in words.
 
     recipe: "fast" (CompareConfig.steps x batch_size, the base's recipe) or "paper"
     (the paper's 400 steps of batch 1, CompareConfig.paper_steps x paper_batch_size).
@@ -71,8 +73,6 @@ class Method:
             raise ValueError(f"method {self.name!r} needs bits")
         if self.name in FLOAT_METHODS and self.bits is not None:
             raise ValueError(f"method {self.name!r} trains a float UNet: bits must be None")
-        if self.name == "words" and self.bits is not None:
-            raise ValueError("method 'words' prompts the float base: bits must be None")
         if self.recipe not in RECIPES or (self.name in UNTUNED_METHODS and self.recipe != "fast"):
             raise ValueError(f"Method.recipe={self.recipe!r}; allowed: {', '.join(RECIPES)} "
                              "(fast only for no fine-tuning)")
@@ -86,7 +86,8 @@ class Method:
         if self.name == "none":
             return "no fine-tuning" + ("" if self.bits is None else f" (W{self.bits})")
         if self.name == "words":
-            return "no fine-tuning, subject in words"
+            return "no fine-tuning, subject in words" + ("" if self.bits is None
+                                                         else f" (W{self.bits})")
         if self.name == "full":
             return "full-precision DreamBooth"
         if self.name == "lora":
@@ -110,10 +111,10 @@ class Method:
 
 def paper_methods(bits: tuple[int, ...] = (8, 4, 3),
                   experts: tuple[int, ...] = (1, 4)) -> list[Method]:
-    """The table's rows, in order: no fine-tuning (float, in words, quantized), the fast
-    recipe, then the paper's recipe (400 steps of batch 1) for full fine-tuning and
-    TuneQDM at 4 bits with the most experts."""
-    rows = [Method("none"), Method("words"), *(Method("none", b) for b in bits),
+    """The table's rows, in order: no fine-tuning (float; told the subject in words,
+    float and at each bit width), the fast recipe, then the paper's recipe (400 steps
+    of batch 1) for full fine-tuning and TuneQDM at 4 bits with the most experts."""
+    rows = [Method("none"), Method("words"), *(Method("words", b) for b in bits),
             Method("full"), Method("lora")]
     for b in bits:
         rows.append(Method("peqa", b))
@@ -192,7 +193,7 @@ def method_unet(float_unet: torch.nn.Module, method: Method,
     unet = copy.deepcopy(float_unet)
     if method.bits is None:
         return unet
-    kind = "peqa" if method.name in ("peqa", "none") else "tuneqdm"
+    kind = "peqa" if method.name in ("peqa", *UNTUNED_METHODS) else "tuneqdm"
     experts = 1 if kind == "peqa" else method.num_experts
     return quantize_(unet, QuantConfig(bits=method.bits, method=kind, num_experts=experts,
                                        rounding=rounding))

@@ -26,7 +26,9 @@ def test_paper_methods_are_the_tables_rows():
     methods = paper_methods()
     labels = [m.label for m in methods]
     assert labels[:7] == ["no fine-tuning", "no fine-tuning, subject in words",
-                          "no fine-tuning (W8)", "no fine-tuning (W4)", "no fine-tuning (W3)",
+                          "no fine-tuning, subject in words (W8)",
+                          "no fine-tuning, subject in words (W4)",
+                          "no fine-tuning, subject in words (W3)",
                           "full-precision DreamBooth", "LoRA r=4"]
     assert labels[7:10] == ["PEQA W8", "TuneQDM N=1 W8", "TuneQDM N=4 W8"]
     assert labels[-2:] == ["full-precision DreamBooth (paper: 400 x 1)",
@@ -53,7 +55,7 @@ def test_the_paper_recipe_trains_400_steps_of_batch_1(pipe):
     ({"name": "lora", "bits": 4}, "bits must be None"),
     ({"name": "full", "recipe": "slow"}, "allowed: fast, paper"),
     ({"name": "none", "recipe": "paper"}, "fast only for no fine-tuning"),
-    ({"name": "words", "bits": 4}, "prompts the float base: bits must be None"),
+    ({"name": "words", "recipe": "paper"}, "fast only for no fine-tuning"),
 ])
 def test_method_refuses_what_it_cannot_run(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -70,11 +72,25 @@ def test_the_words_row_prompts_the_subject_in_words(pipe):
     assert told[0] == "a purple checkered star on a orange background, top"
     assert [p.replace("purple checkered star", "sks star") for p in told] == named
     row = run(pipe, Method("words"), subject, 0, CompareConfig(images_per_prompt=1,
-                                                               inference_steps=10))
+                                                               inference_steps=10),
+              keep_images=True)
     assert row["trainable"] == 0 and row["train_s"] == 0.0 and row["loss_last"] is None
     assert row["label"] == "no fine-tuning, subject in words"
     # told its colour, the base draws it (0.73 over the table's 3 seeds, session 13)
     assert row["subject_colour"] >= 0.5, row
+    # at a bit width: the same prompts to the quantized base with its s0 scales
+    quantized = method_unet(pipe.unet, Method("words", 3))
+    layers = quantized_layers(quantized)
+    assert layers and all(layer.bits == 3 and layer.scale_in is None
+                          for layer in layers.values())
+    row3 = run(pipe, Method("words", 3), subject, 0, CompareConfig(images_per_prompt=1,
+                                                                   inference_steps=10),
+               keep_images=True)
+    assert row3["label"] == "no fine-tuning, subject in words (W3)"
+    assert row3["trainable"] == 0 and row3["personal_bytes"] == 0
+    # the same seed, prompts and steps: 3-bit rounding alone changes the images
+    assert len(row3["images"]) == len(row["images"]) == 4
+    assert all((a != b).any() for a, b in zip(row["images"], row3["images"], strict=True))
 
 
 def test_runs_score_the_tuning_prompts_when_told():
