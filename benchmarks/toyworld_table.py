@@ -277,6 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
                         help="how the quantized rows round (default: nearest, the paper's "
                              "min/max grid; mse: per-channel clipping search)")
+    parser.add_argument("--keep-float", nargs="+", default=(), metavar="LAYER",
+                        help="UNet layers (names or shell patterns) the quantized rows leave "
+                             "in float, e.g. conv_in conv_out; default: none")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true")
@@ -293,6 +296,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
                  "lr_lora": args.lr_lora, "rel_lr": args.rel_lr,
                  "guidance_scale": args.guidance_scale, "captioned": args.captioned}
     return replace(CompareConfig(), rounding=args.rounding, prompts=args.prompts,
+                   keep_float=tuple(args.keep_float),
                    **{k: v for k, v in overrides.items() if v is not None})
 
 

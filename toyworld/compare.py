@@ -29,6 +29,7 @@ default, the same relative step.
 from __future__ import annotations
 
 import copy
+import fnmatch
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -146,6 +147,11 @@ class CompareConfig:
     # how the quantized rows round (tuneqdm.QuantConfig.rounding): "nearest", the
     # paper's min/max grid, or "mse", a per-channel clipping search
     rounding: str = "nearest"
+    # UNet layers the quantized rows leave in float (neither quantized nor trained), by
+    # name or shell pattern: ("conv_in", "conv_out"), the first and last layers, which
+    # low-bit diffusion work usually keeps in higher precision (Q-Diffusion), or
+    # ("*resnets*",). Empty: every Linear and Conv2d is quantized.
+    keep_float: tuple[str, ...] = ()
     # which prompts runs generate and score: "evaluation" (what the table reports) or
     # "tuning" (subjects.tuning_contexts: what recipes are chosen on)
     prompts: str = "evaluation"
@@ -184,19 +190,29 @@ def with_unet(pipe, unet):
     return tuned
 
 
-def method_unet(float_unet: torch.nn.Module, method: Method,
-                rounding: str = "nearest") -> torch.nn.Module:
+def method_unet(float_unet: torch.nn.Module, method: Method, rounding: str = "nearest",
+                keep_float: tuple[str, ...] = ()) -> torch.nn.Module:
     """A fresh UNet for `method`: a copy of the float one, quantized where it says
-    (`rounding`: tuneqdm.QuantConfig.rounding)."""
+    (`rounding`: tuneqdm.QuantConfig.rounding), except the layers `keep_float` names
+    (names or fnmatch patterns), which stay float and frozen."""
     from tuneqdm import QuantConfig, quantize_
 
+    layers = [n for n, m in float_unet.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    unknown = [p for p in keep_float if not any(fnmatch.fnmatchcase(n, p) for n in layers)]
+    if unknown:
+        raise ValueError(f"keep_float: {unknown} match no Linear/Conv2d layer of the UNet; "
+                         f"allowed: layer names ({', '.join(layers[:3])}, ... "
+                         f"{len(layers)} layers) or shell patterns of them")
     unet = copy.deepcopy(float_unet)
     if method.bits is None:
         return unet
     kind = "peqa" if method.name in ("peqa", *UNTUNED_METHODS) else "tuneqdm"
     experts = 1 if kind == "peqa" else method.num_experts
     return quantize_(unet, QuantConfig(bits=method.bits, method=kind, num_experts=experts,
-                                       rounding=rounding))
+                                       rounding=rounding),
+                     filter_fn=lambda layer, name: not any(fnmatch.fnmatchcase(name, p)
+                                                           for p in keep_float))
 
 
 def training_subject(subject: Subject, examples: Path = EXAMPLES, captioned: bool = True):
@@ -261,7 +277,7 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     from tuneqdm.generate import generate
     from tuneqdm.train import finetune
 
-    unet = method_unet(pipe.unet, method, config.rounding)
+    unet = method_unet(pipe.unet, method, config.rounding, config.keep_float)
     if config.cache_weights and method.bits is not None:
         from tuneqdm.inference import cache_expanded_weights
 

@@ -116,6 +116,22 @@ def test_method_unet_copies_and_quantizes_without_touching_the_base(pipe):
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items())
 
 
+def test_method_unet_keeps_the_named_layers_float(pipe):
+    unet = method_unet(pipe.unet, Method("tuneqdm", 4, 4), keep_float=("conv_in", "conv_out"))
+    layers = quantized_layers(unet)
+    assert "conv_in" not in layers and "conv_out" not in layers
+    assert len(layers) == len(quantized_layers(method_unet(pipe.unet, Method("peqa", 4)))) - 2
+    for name in ("conv_in", "conv_out"):
+        kept = unet.get_submodule(name)
+        assert type(kept) is torch.nn.Conv2d and not kept.weight.requires_grad
+        assert torch.equal(kept.weight, pipe.unet.get_submodule(name).weight)
+    resnets = quantized_layers(method_unet(pipe.unet, Method("peqa", 4),
+                                           keep_float=("*resnets*",)))
+    assert resnets and not any("resnets" in name for name in resnets)
+    with pytest.raises(ValueError, match=r"keep_float: \['conv_middle'\] match no Linear"):
+        method_unet(pipe.unet, Method("peqa", 4), keep_float=("conv_in", "conv_middle"))
+
+
 def test_method_unet_rounds_as_the_config_says(pipe):
     # rounding="mse" searches each row's clipping: never a larger weight error than the
     # min/max grid, and smaller on the whole UNet at 3 bits
