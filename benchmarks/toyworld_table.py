@@ -18,6 +18,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(rows)} runs in {grid_s:.0f} s; total {total_s:.0f} s")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        command = " ".join(["python", "benchmarks/toyworld_table.py", *(argv or sys.argv[1:])])
+        command = shlex.join(["python", "benchmarks/toyworld_table.py", *(argv or sys.argv[1:])])
         args.markdown.write_text(
             f"Made by `HF_HUB_OFFLINE=1 {command}` in {total_s / 60:.1f} min "
             f"({len(rows)} runs, {args.workers} workers): subjects {', '.join(args.subjects)}; "

@@ -203,6 +203,9 @@ def test_table_options_set_the_recipe_and_the_prompts():
     assert (tuned.prompts, tuned.captioned, tuned.lr_full, tuned.rel_lr) == (
         "tuning", False, 1e-4, 0.02)
     assert (tuned.guidance_scale, tuned.steps, tuned.batch_size) == (3.0, 60, 2)
+    assert default.keep_float == ()
+    kept = bench.config_from_args(bench.parse_args(["--keep-float", "conv_in", "*resnets*"]))
+    assert kept.keep_float == ("conv_in", "*resnets*")
 
 
 def test_claims_are_paired_tests_over_subjects():
@@ -232,5 +235,8 @@ def test_methods_flag_picks_table_rows_by_key():
     assert args.methods == ["full-n1-fp32", "tuneqdm-n4-w4", "full-n1-fp32"]
     assert [Method.from_key(k) for k in dict.fromkeys(args.methods)] == [
         Method("full"), Method("tuneqdm", 4, 4)]
+    # the quantized base prompted with the token: not a default row, still runnable
+    assert bench.parse_args(["--methods", "none-n1-w4"]).methods == ["none-n1-w4"]
+    assert "none-n1-w4" not in [m.key for m in paper_methods()]
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "tuneqdm-n4-w5"])
