@@ -14,7 +14,7 @@ from typing import Any
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("tuneqdm", "peqa")
-ROUNDINGS = ("nearest", "mse")
+ROUNDINGS = ("nearest", "mse", "gptq")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class QuantConfig:
             at timestep t is floor(t * N / T), clamped to [0, N - 1].
         rounding: "nearest" (round-to-nearest over the full min/max range, the
             paper's) or "mse" (per-channel clipping search minimising the weight's
-            squared error, Q-Diffusion's 'mse' scale method).
+            squared error, Q-Diffusion's 'mse' scale method) or "gptq" (round-to-
+            nearest's grid, integers chosen by GPTQ from calibration inputs: gptq.py;
+            quantize_ then needs the layers' Hessians).
         mse_grid: number of clipping ratios tried by rounding="mse", evenly spaced in
             [mse_min_ratio, 1].
         mse_min_ratio: the smallest clipping ratio tried by rounding="mse".

@@ -63,9 +63,13 @@ class QuantizedLayer(ScaleRows):
     # -- construction ---------------------------------------------------------------
 
     def _load_quantized(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        config: QuantConfig,
+        hessian: torch.Tensor | None = None,
     ) -> None:
-        q, zero, scale0 = quantize_weight(weight, config)
+        q, zero, scale0 = quantize_weight(weight, config, hessian)
         self.packed = pack_int(q, config.bits).to(weight.device)
         self.zero = zero.to(weight.device)
         self.scale0 = scale0.to(weight.device)
@@ -123,9 +127,12 @@ class QuantLinear(QuantizedLayer):
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
+    def from_float(
+        cls, linear: nn.Linear, config: QuantConfig, hessian: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """hessian: (in, in), for config.rounding="gptq" only (gptq.py)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config)
-        layer._load_quantized(linear.weight, linear.bias, config)
+        layer._load_quantized(linear.weight, linear.bias, config, hessian)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +172,10 @@ class QuantConv2d(QuantizedLayer):
         self.geometry = ConvGeometry(tuple(stride), conv_padding, tuple(dilation), groups)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: QuantConfig) -> QuantConv2d:
+    def from_float(
+        cls, conv: nn.Conv2d, config: QuantConfig, hessian: torch.Tensor | None = None
+    ) -> QuantConv2d:
+        """hessian: (K, K), K = in * kh * kw, for config.rounding="gptq" only (gptq.py)."""
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -178,7 +188,7 @@ class QuantConv2d(QuantizedLayer):
             conv.padding_mode,
             config,
         )
-        layer._load_quantized(conv.weight, conv.bias, config)
+        layer._load_quantized(conv.weight, conv.bias, config, hessian)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

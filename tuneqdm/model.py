@@ -25,10 +25,16 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 
 def quantize_(
-    module: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None
+    module: nn.Module,
+    config: QuantConfig,
+    filter_fn: FilterFn | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Replace every nn.Linear and nn.Conv2d of `module` (that `filter_fn(layer, name)`
     accepts) by a quantized layer; freeze every other parameter. Returns `module`.
+
+    hessians: layer name -> input Hessian (gptq.collect_hessians on the float
+    module), required by and only used for config.rounding="gptq".
 
     The float weights of replaced layers are released as they are quantized. If
     module's forward is forward(sample, timestep, ...), each sample's timestep picks
@@ -46,16 +52,36 @@ def quantize_(
         if isinstance(child, (nn.Linear, nn.Conv2d))
         and (filter_fn is None or filter_fn(child, name))
     ]
+    _check_hessians(names, config, hessians)
     for name in names:
         child = module.get_submodule(name)
+        hessian = None if hessians is None else hessians[name]
         with torch.no_grad():
             if isinstance(child, nn.Linear):
-                quantized = QuantLinear.from_float(child, config)
+                quantized = QuantLinear.from_float(child, config, hessian)
             else:
-                quantized = QuantConv2d.from_float(child, config)
+                quantized = QuantConv2d.from_float(child, config, hessian)
         _set_submodule(module, name, quantized)
         del child, quantized
     return _freeze_and_route(module, config)
+
+
+def _check_hessians(
+    names: list[str], config: QuantConfig, hessians: dict[str, torch.Tensor] | None
+) -> None:
+    """hessians go with rounding="gptq", one for every layer to quantize."""
+    if config.rounding != "gptq":
+        if hessians is not None:
+            raise ValueError(f"quantize_: hessians are for rounding='gptq' only "
+                             f"(rounding={config.rounding!r})")
+        return
+    if hessians is None:
+        raise ValueError("quantize_: rounding='gptq' needs hessians "
+                         "(tuneqdm.gptq.collect_hessians on the float module)")
+    missing = [n for n in names if n not in hessians]
+    if missing:
+        raise ValueError(f"quantize_: rounding='gptq' has no hessian for layer(s) "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
 def build_quantized_skeleton(

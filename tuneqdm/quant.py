@@ -22,29 +22,39 @@ import math
 import torch
 
 from .config import QuantConfig
+from .gptq import gptq_round
 
 SCALE_FLOOR = 1e-8
 
 
 def quantize_weight(
-    weight: torch.Tensor, config: QuantConfig
+    weight: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize a weight per output channel.
 
     Args:
         weight: (out, ...) float tensor.
         config: bits, grid and rounding.
+        hessian: the layer's input Hessian (K, K), K = weight[0].numel(); required by
+            and only used for config.rounding="gptq" (gptq.py).
 
     Returns:
         (q, zero, scale): q int8 (same shape as weight, values in [qmin, qmax]),
         zero (out,) float32, scale s0 (out,) float32.
     """
     rows = weight.detach().reshape(weight.shape[0], -1).to(torch.float32)  # (out, K)
+    if (config.rounding == "gptq") != (hessian is not None):
+        raise ValueError(f"quantize_weight: a hessian goes with rounding='gptq' and only "
+                         f"with it (rounding={config.rounding!r}, hessian "
+                         f"{'given' if hessian is not None else 'missing'})")
     if config.rounding == "mse":
         scale, zero = _mse_search(rows, config)
     else:
         scale, zero = _grid(rows.amin(dim=1), rows.amax(dim=1), config)
-    q = _round_to_grid(rows, scale, zero, config)
+    if hessian is not None:
+        q = gptq_round(rows, scale, zero, hessian, config.qmin, config.qmax)
+    else:
+        q = _round_to_grid(rows, scale, zero, config)
     return q.reshape(weight.shape), zero, scale
 
 
