@@ -275,9 +275,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", choices=PROMPT_SETS, default="evaluation",
                         help="score the evaluation prompts (the table) or the tuning "
                              "prompts (to choose a recipe on, docs/toyworld.md)")
-    parser.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
-                        help="how the quantized rows round (default: nearest, the paper's "
-                             "min/max grid; mse: per-channel clipping search)")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=CompareConfig.rounding,
+                        help="how the quantized rows round (default: gptq, the min/max "
+                             "grid with GPTQ-chosen integers; nearest: the paper's "
+                             "round-to-nearest; mse: per-channel clipping search)")
     parser.add_argument("--keep-float", nargs="+", default=(), metavar="LAYER",
                         help="UNet layers (names or shell patterns) the quantized rows leave "
                              "in float, e.g. conv_in conv_out; default: none")

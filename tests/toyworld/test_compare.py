@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from toyworld.calibrate import calibration_hessians
 from toyworld.compare import CompareConfig, Method, load_base, method_unet, paper_methods, run
 from toyworld.subjects import get_subject
+from toyworld.text import tokenize
 from tuneqdm import quantized_layers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,7 +147,37 @@ def test_method_unet_rounds_as_the_config_says(pipe):
     assert errors["nearest"].keys() == errors["mse"].keys()
     assert all(errors["mse"][n] <= errors["nearest"][n] * (1 + 1e-5) for n in errors["mse"])
     assert sum(errors["mse"].values()) < 0.9 * sum(errors["nearest"].values())
-    assert CompareConfig().rounding == "nearest"
+
+
+def test_gptq_rows_keep_the_grid_and_draw_closer_to_the_float_base(pipe):
+    """rounding="gptq" (the table's default): round-to-nearest's grid, other integers,
+    chosen from the base's own training data; the UNet's output then stays closer to
+    the float base's on fresh training-split inputs."""
+    hessians = calibration_hessians(pipe)
+    assert calibration_hessians(pipe) is hessians  # once per base and process
+    assert CompareConfig().rounding == "gptq"
+    unets = {"nearest": method_unet(pipe.unet, Method("tuneqdm", 4, 2)),
+             "gptq": method_unet(pipe.unet, Method("tuneqdm", 4, 2), "gptq",
+                                 hessians=hessians)}
+    nearest, gptq = (quantized_layers(unets[r]) for r in ("nearest", "gptq"))
+    assert nearest.keys() == gptq.keys() == hessians.keys()
+    for name, layer in gptq.items():
+        assert torch.equal(layer.scale0, nearest[name].scale0)
+        assert torch.equal(layer.zero, nearest[name].zero)
+    changed = sum(not torch.equal(layer.packed, nearest[n].packed) for n, layer in gptq.items())
+    assert changed > 0.9 * len(gptq)
+    generator = torch.Generator().manual_seed(7)
+    noisy = torch.randn(8, 4, 32, 32, generator=generator)
+    timesteps = torch.randint(0, 1000, (8,), generator=generator)
+    hidden = pipe.text_encoder(tokenize(pipe.tokenizer, ["a red striped star on a blue "
+                                                         "background, top left"] * 8))[0]
+    with torch.no_grad():
+        reference = pipe.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+        error = {r: (u(noisy, timesteps, encoder_hidden_states=hidden).sample
+                     - reference).pow(2).mean().item() for r, u in unets.items()}
+    assert error["gptq"] < 0.8 * error["nearest"]
+    with pytest.raises(ValueError, match="rounding='gptq' needs hessians"):
+        method_unet(pipe.unet, Method("peqa", 4), "gptq")
 
 
 def test_a_run_learns_the_subject_and_reports_its_costs(pipe):
