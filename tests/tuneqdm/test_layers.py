@@ -375,9 +375,9 @@ def test_quantize_releases_float_weights_as_it_goes(monkeypatch):
     alive_at_each_call = []
     original = QuantLinear.from_float.__func__
 
-    def spy(cls, linear, config):
+    def spy(cls, linear, config, hessian=None):
         alive_at_each_call.append(sum(ref() is not None for ref in refs))
-        return original(cls, linear, config)
+        return original(cls, linear, config, hessian)
 
     monkeypatch.setattr(QuantLinear, "from_float", classmethod(spy))
     quantize_(model, QuantConfig(bits=4))
