@@ -100,7 +100,7 @@ def gptq_round(
     dead = torch.diagonal(h) == 0  # inputs that were always zero: any integer will do
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     s, z = scale.to(torch.float64), zero.to(torch.float64)
     q = torch.empty_like(w)
