@@ -218,7 +218,7 @@ def method_unet(float_unet: torch.nn.Module, method: Method, rounding: str = "ne
                                        rounding=rounding),
                      filter_fn=lambda layer, name: not any(fnmatch.fnmatchcase(name, p)
                                                            for p in keep_float),
-                     hessians=hessians if rounding == "gptq" else None)
+                     hessians=hessians)
 
 
 def training_subject(subject: Subject, examples: Path = EXAMPLES, captioned: bool = True):
