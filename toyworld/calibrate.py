@@ -28,7 +28,7 @@ def calibration_hessians(pipe, batches: int = 16, batch_size: int = 16,
     """GPTQ Hessians {layer name: (K, K) float64} of `pipe.unet`'s Linear / Conv2d
     layers from `batches` x `batch_size` noised training-split latents (v-prediction
     inputs, as the base trained on), drawn from `scenes` scenes; deterministic in
-    `seed`. Cached per UNet object for the default arguments (one table computes
+    `seed`. Cached per UNet object with the arguments last used (one table computes
     them once per process; about 10 s on 2 cores)."""
     from tuneqdm.gptq import collect_hessians
 
