@@ -49,6 +49,7 @@ from toyworld.compare import (
 from toyworld.stats import mean_ci, paired_test
 from toyworld.subjects import SUBJECTS, get_subject
 from tuneqdm.config import ROUNDINGS
+from tuneqdm.train import TIMESTEP_SAMPLING
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = ROOT / "models" / "toyworld-base"
@@ -282,6 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-float", nargs="+", default=(), metavar="LAYER",
                         help="UNet layers (names or shell patterns) the quantized rows leave "
                              "in float, e.g. conv_in conv_out; default: none")
+    parser.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLING, default=None,
+                        help="how training draws timesteps (default: CompareConfig's)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true")
@@ -296,7 +299,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """CompareConfig's defaults with what the command line sets."""
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr_full": args.lr_full,
                  "lr_lora": args.lr_lora, "rel_lr": args.rel_lr,
-                 "guidance_scale": args.guidance_scale, "captioned": args.captioned}
+                 "guidance_scale": args.guidance_scale, "captioned": args.captioned,
+                 "timestep_sampling": args.timestep_sampling}
     return replace(CompareConfig(), rounding=args.rounding, prompts=args.prompts,
                    keep_float=tuple(args.keep_float),
                    **{k: v for k, v in overrides.items() if v is not None})

@@ -167,6 +167,10 @@ class CompareConfig:
     # (the uncached fp32 kernels fold the zero point out); the table's
     # peak-memory column is measured without it (the product's lean default).
     cache_weights: bool = True
+    # how training draws timesteps (tuneqdm.train.sample_timesteps): "uniform" (the
+    # paper's) or "stratified" (one t per stratum of [0, T), so a batch of 4 feeds each
+    # of N=4 experts at every step)
+    timestep_sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.prompts not in PROMPT_SETS:
@@ -238,7 +242,8 @@ def training_subject(subject: Subject, examples: Path = EXAMPLES, captioned: boo
 def train_config(method: Method, unet: torch.nn.Module, config: CompareConfig, seed: int):
     from tuneqdm.train import TrainConfig, mean_scale0
 
-    common = {"steps": config.steps, "batch_size": config.batch_size, "seed": seed}
+    common = {"steps": config.steps, "batch_size": config.batch_size, "seed": seed,
+              "timestep_sampling": config.timestep_sampling}
     if method.recipe == "paper":
         common.update(steps=config.paper_steps, batch_size=config.paper_batch_size)
     if method.name == "full":

@@ -35,6 +35,7 @@ from .scaleset import ScaleSet
 from .trainstate import TrainState
 
 METHODS = ("scales", "full", "lora")
+TIMESTEP_SAMPLING = ("uniform", "stratified")
 DEFAULT_LR = {"scales": 3e-6, "full": 5e-6, "lora": 1e-4}
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -55,6 +56,10 @@ class TrainConfig:
     prior_preservation: add class images (from class_images_dir, else generated once by
         the pipeline itself and cached in class_images_cache) with prior_loss_weight.
     optimizer: "adamw" (torch) or "adamw8bit" (bitsandbytes, 8-bit moments).
+    timestep_sampling: "uniform" draws each sample's t ~ U{0..T-1} independently (the
+        paper's); "stratified" splits [0, T) into B equal strata, draws one t in each
+        and shuffles them over the batch (`sample_timesteps`): every t is still
+        uniform, but a batch of B >= N covers every expert's interval at every step.
     """
 
     method: str = "scales"
@@ -75,11 +80,14 @@ class TrainConfig:
     class_image_steps: int = 25
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
+    timestep_sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         checks = [
             (self.method in METHODS, "method", f"one of {METHODS}"),
             (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
+            (self.timestep_sampling in TIMESTEP_SAMPLING, "timestep_sampling",
+             f"one of {TIMESTEP_SAMPLING}"),
             (self.steps >= 1, "steps", ">= 1"),
             (self.batch_size >= 1, "batch_size", ">= 1"),
             (self.lr is None or self.lr > 0, "lr", "> 0"),
@@ -271,7 +279,8 @@ def training_loss(
         pick = torch.randint(len(data.class_indices), (config.batch_size,), generator=generator)
         batch.append(data.class_indices[pick])
     index = torch.cat(batch)  # (B,) with B = batch_size or 2 * batch_size
-    prediction, target = _predict(unet, scheduler, data, index, generator)
+    prediction, target = _predict(unet, scheduler, data, index, generator,
+                                  sampling=config.timestep_sampling)
     loss = F.mse_loss(prediction[: len(instance)], target[: len(instance)])
     if len(batch) > 1:
         loss = loss + config.prior_loss_weight * F.mse_loss(
@@ -305,14 +314,16 @@ def _predict(
     index: torch.Tensor,
     generator: torch.Generator,
     timesteps: torch.Tensor | None = None,
+    sampling: str = "uniform",
 ):
-    """UNet prediction and its target for images `index`: ((B, 4, h, w), (B, 4, h, w))."""
+    """UNet prediction and its target for images `index`: ((B, 4, h, w), (B, 4, h, w)).
+    Timesteps, unless given, are drawn after the noise (`sample_timesteps`)."""
     mean, std = data.latent_mean[index], data.latent_std[index]
     latents = mean + std * torch.randn(mean.shape, generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
     if timesteps is None:
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (len(index),), generator=generator
+        timesteps = sample_timesteps(
+            len(index), scheduler.config.num_train_timesteps, generator, sampling
         )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
@@ -327,6 +338,25 @@ def _predict(
         encoder_hidden_states=embeddings.to(device, dtype),
     ).sample
     return prediction.float(), target.to(prediction.device)
+
+
+def sample_timesteps(
+    batch: int, num_train_timesteps: int, generator: torch.Generator, how: str = "uniform"
+) -> torch.Tensor:
+    """(batch,) int64 training timesteps in [0, T).
+
+    "uniform": independent draws. "stratified": t_i = floor((k_i + u_i) T / B) with
+    u_i ~ U[0, 1) and k a random permutation of 0..B-1, so each t_i is still uniform
+    on [0, T) but the batch holds one t per stratum (the low-discrepancy sampler of
+    Kingma et al., Variational Diffusion Models, 2021). With B a multiple of N every
+    expert interval gets B / N samples per step instead of a binomial share.
+    """
+    if how == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    strata = torch.randperm(batch, generator=generator).double()
+    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    t = torch.floor((strata + u) * num_train_timesteps / batch).long()
+    return t.clamp(0, num_train_timesteps - 1)
 
 
 def _sample_instances(

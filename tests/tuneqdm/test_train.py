@@ -8,7 +8,15 @@ import torch
 from tuneqdm import QuantConfig, get_router, quantized_layers
 from tuneqdm.base import load_float_pipeline, load_quantized_pipeline
 from tuneqdm.data import Subject, prepare_data
-from tuneqdm.train import TrainConfig, TrainingError, evaluation_loss, finetune, training_loss
+from tuneqdm.experts import expert_index
+from tuneqdm.train import (
+    TrainConfig,
+    TrainingError,
+    evaluation_loss,
+    finetune,
+    sample_timesteps,
+    training_loss,
+)
 
 FAST = {"steps": 40, "batch_size": 2, "lr_scale_out": 1e-3, "resolution": 16}
 
@@ -44,6 +52,38 @@ def test_same_seed_same_run(tiny_base_dir, dog):
         pipe = load_quantized_pipeline(tiny_base_dir)
         runs.append(finetune(pipe, [dog], TrainConfig(**{**FAST, "steps": 5})))
     assert runs[0].losses == runs[1].losses
+    assert runs[0].scale_set.to_bytes() == runs[1].scale_set.to_bytes()
+
+
+def test_uniform_timesteps_are_the_plain_independent_draws():
+    drawn = sample_timesteps(6, 1000, torch.Generator().manual_seed(3), "uniform")
+    plain = torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, plain)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+def test_stratified_timesteps_hold_one_per_stratum_and_stay_uniform(batch):
+    generator, T = torch.Generator().manual_seed(0), 1000
+    draws = torch.stack([sample_timesteps(batch, T, generator, "stratified")
+                         for _ in range(4000)])  # (4000, batch)
+    assert draws.dtype == torch.int64 and draws.min() >= 0 and draws.max() < T
+    strata = torch.div(draws * batch, T, rounding_mode="floor").sort(dim=1).values
+    assert torch.equal(strata, torch.arange(batch).expand_as(strata))
+    # each position is still uniform on [0, T): 10 bins of 4000 draws, ~400 +- 20 each
+    for column in draws.T:
+        counts = torch.bincount(torch.div(column, 100, rounding_mode="floor"), minlength=10)
+        assert counts.min() > 320 and counts.max() < 480, counts
+    if batch == 4:  # N = 4 experts: every step feeds each of them exactly once
+        experts = expert_index(draws, 4, T).sort(dim=1).values
+        assert torch.equal(experts, torch.arange(4).expand_as(experts))
+
+
+def test_stratified_training_runs_and_is_reproducible(tiny_base_dir, dog):
+    config = TrainConfig(**{**FAST, "steps": 4, "timestep_sampling": "stratified"})
+    runs = [finetune(load_quantized_pipeline(tiny_base_dir), [dog], config) for _ in range(2)]
+    plain = finetune(load_quantized_pipeline(tiny_base_dir), [dog],
+                     TrainConfig(**{**FAST, "steps": 4}))
+    assert runs[0].losses == runs[1].losses != plain.losses
     assert runs[0].scale_set.to_bytes() == runs[1].scale_set.to_bytes()
 
 
@@ -157,7 +197,8 @@ def test_method_and_model_must_agree(tiny_pipeline_dir, tiny_base_dir, dog):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("steps", 0), ("method", "dora"), ("resolution", 30), ("lr_scale_in", -1.0)],
+    [("steps", 0), ("method", "dora"), ("resolution", 30), ("lr_scale_in", -1.0),
+     ("timestep_sampling", "sobol")],
 )
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}="):
