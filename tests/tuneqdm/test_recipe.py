@@ -29,14 +29,16 @@ def test_the_bundled_toy_base_carries_the_comparisons_settings():
     toy = Path(__file__).resolve().parents[2] / "models" / "toyworld-base"
     recipe = read_recipe(toy)
     assert recipe is not None
-    assert recipe.train == {"steps": 120, "batch_size": 4, RELATIVE_LR: 0.01}
+    assert recipe.train == {"steps": 120, "batch_size": 4, RELATIVE_LR: 0.01,
+                            "timestep_sampling": "stratified"}
     assert recipe.samples == {"guidance_scale": 2.0}
     from toyworld.compare import CompareConfig  # the recipe is the comparison's
 
     fast = CompareConfig()
-    assert (fast.steps, fast.batch_size, fast.rel_lr, fast.guidance_scale) == (
+    assert (fast.steps, fast.batch_size, fast.rel_lr, fast.timestep_sampling,
+            fast.guidance_scale) == (
         recipe.train["steps"], recipe.train["batch_size"], recipe.train[RELATIVE_LR],
-        recipe.samples["guidance_scale"])
+        recipe.train["timestep_sampling"], recipe.samples["guidance_scale"])
     assert read_recipe(toy / "unet") is None  # no recipe there
 
 
