@@ -49,6 +49,8 @@ def test_the_bundled_toy_base_carries_the_comparisons_settings():
     ({"train": {"method": "full"}}, r"unknown key\(s\) \['train.method'\]"),
     ({"train": {RELATIVE_LR: -1}}, r"lr_scale_out_relative=-1 is invalid: must be a positive"),
     ({"train": {RELATIVE_LR: 0.1, "lr_scale_out": 1e-4}}, r"not both"),
+    ({"train": {"timestep_sampling": "sobol"}}, r"TrainConfig.timestep_sampling='sobol' is "
+     r"invalid: must be one of \('uniform', 'stratified'\)"),
     ({"samples": {"sample_steps": 0}}, r"samples.sample_steps=0 is invalid"),
     ({"samples": {"guidance_scale": "4"}}, r"samples.guidance_scale='4' is invalid"),
     ([1, 2], r"expected a JSON object"),
@@ -75,6 +77,13 @@ def test_precedence_defaults_then_recipe_then_given():
         "steps": 7, "lr_scale_out": 1e-3, "batch_size": 4, "seed": defaults.seed}
     absolute = parse_recipe({"train": {"lr_scale_out": 5e-5}})
     assert train_settings(absolute, {}, KEYS)["lr_scale_out"] == 5e-5
+
+
+def test_the_recipes_timestep_sampling_reaches_the_train_config():
+    recipe = parse_recipe({"train": {"lr_scale_out": 5e-5, "timestep_sampling": "stratified"}})
+    config = resolve_train_config(train_settings(recipe, {"steps": 7}, KEYS), None)
+    assert (config.timestep_sampling, config.steps, config.lr_scale_out) == ("stratified", 7, 5e-5)
+    assert resolve_train_config(train_settings(None, {}, KEYS), None).timestep_sampling == "uniform"
 
 
 def test_relative_rate_resolves_against_the_bases_mean_s0(tiny_base_dir):
