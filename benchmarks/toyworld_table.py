@@ -8,7 +8,7 @@ measured separately, one fresh process per method. Writes a markdown table (mean
 an image grid (rows: methods, columns: prompts; the top row is the renderer's ground
 truth) and JSON.
 
-    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py            # 8 subjects x 3 seeds, ~77 min
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py            # 8 subjects x 3 seeds, 50-75 min
     HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py --quick    # < 5 min
 """
 
