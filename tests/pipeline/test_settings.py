@@ -45,16 +45,18 @@ def test_the_toy_bases_recipe_applies_and_options_override_it(csv, tmp_path):
     plan, said = _plan(csv, tmp_path)
     assert plan.base["source"] == str(TOY_BASE)
     assert plan.train == {"steps": 120, "batch_size": 4, RELATIVE_LR: 0.01,
-                          "lr_scale_in": None, "resolution": None, "seed": 0}
+                          "timestep_sampling": "stratified", "lr_scale_in": None,
+                          "resolution": None, "seed": 0}
     assert plan.sampling == {"sample_steps": 20, "guidance_scale": 2.0}
     assert f"recipe: {TOY_BASE / RECIPE_FILE} (steps 120, batch_size 4, lr_scale_out " \
-           "0.01 x mean s0, guidance_scale 2.0)" in said
+           "0.01 x mean s0, timestep_sampling stratified, guidance_scale 2.0)" in said
     again, _ = _plan(csv, tmp_path)
     assert again.spec_hashes == plan.spec_hashes  # resume sees the same subjects
 
     flags, _ = _plan(csv, tmp_path, steps=50, lr_scale_out=1e-4, guidance_scale=2.0)
     assert flags.train == {"steps": 50, "batch_size": 4, "lr_scale_out": 1e-4,
-                           "lr_scale_in": None, "resolution": None, "seed": 0}
+                           "timestep_sampling": "stratified", "lr_scale_in": None,
+                           "resolution": None, "seed": 0}
     assert flags.sampling == {"sample_steps": 20, "guidance_scale": 2.0}
     assert flags.spec_hashes != plan.spec_hashes
 
