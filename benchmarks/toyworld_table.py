@@ -8,8 +8,8 @@ measured separately, one fresh process per method. Writes a markdown table (mean
 an image grid (rows: methods, columns: prompts; the top row is the renderer's ground
 truth) and JSON.
 
-    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py            # 8 subjects x 3 seeds, 50-75 min
-    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py --quick    # < 5 min
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py          # 8 subjects x 3 seeds: 50-75 min
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py --quick  # < 5 min
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # Base: the bundled toy-world model (models/toyworld-base). Its training settings come
 # from its recipe, models/toyworld-base/tuneqdm_recipe.json: those of the comparison in
-# docs/toyworld.md (120 steps of batch 4, lr_scale_out = 1e-2 x mean s0, guidance 4);
+# docs/toyworld.md (120 steps of batch 4 on stratified timesteps, lr_scale_out = 1e-2 x
+# mean s0, guidance 2);
 # each photo trains on its caption (examples/subjects/<id>/<n>.txt beside it).
 .venv/bin/tuneqdm-pipeline submit examples/subjects.csv --output outputs/demo "$@"
 .venv/bin/tuneqdm-pipeline status outputs/demo
