@@ -48,8 +48,8 @@ from toyworld.compare import (
 )
 from toyworld.stats import mean_ci, paired_test
 from toyworld.subjects import SUBJECTS, get_subject
+from tuneqdm.batches import TIMESTEP_SAMPLING
 from tuneqdm.config import ROUNDINGS
-from tuneqdm.train import TIMESTEP_SAMPLING
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = ROOT / "models" / "toyworld-base"

@@ -167,7 +167,7 @@ class CompareConfig:
     # (the uncached fp32 kernels fold the zero point out); the table's
     # peak-memory column is measured without it (the product's lean default).
     cache_weights: bool = True
-    # how training draws timesteps (tuneqdm.train.sample_timesteps): "uniform" (the
+    # how training draws timesteps (tuneqdm.batches.sample_timesteps): "uniform" (the
     # paper's) or "stratified" (one t per stratum of [0, T), so a batch of 4 feeds each
     # of N=4 experts at every step). Chosen on the tuning prompts (session 19), all 8
     # subjects, uniform -> stratified: seed 0 full 0.957 -> 0.956, TuneQDM N=1 W4

@@ -3,10 +3,11 @@ full-precision and LoRA fine-tuning through the same loop as references.
 
 The loop only ever calls the UNet: latents and prompt embeddings are cached first
 (data.py). Each step draws instance images (and, with prior preservation, as many
-class images), per-sample timesteps t ~ U[0, T) and noise, and minimises the MSE to
-the noise (epsilon-prediction) or to the velocity (v-prediction, when the scheduler
-says so). Per-sample timesteps select per-sample experts through the UNet's router,
-so each expert only learns from its own timestep interval (TuneQDM part 2).
+class images), per-sample timesteps t in [0, T) (independent or stratified; both in
+batches.py) and noise, and minimises the MSE to the noise (epsilon-prediction) or to
+the velocity (v-prediction, when the scheduler says so). Per-sample timesteps select
+per-sample experts through the UNet's router, so each expert only learns from its own
+timestep interval (TuneQDM part 2).
 
 Learning rates (why two): s_out starts at s0 (about 1e-3 at 8 bits, 1e-2 at 4 bits)
 and s_in at 1, and Adam's step is about lr in absolute size whatever the gradient,
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import TIMESTEP_SAMPLING, sample_instances, sample_timesteps
 from .data import Subject, TrainingData, TrainingError, class_images, prepare_data
 from .device import model_device_dtype, training_autocast
 from .model import enable_timestep_experts, quantized_layers, reset_scales, scale_parameters
@@ -35,7 +37,6 @@ from .scaleset import ScaleSet
 from .trainstate import TrainState
 
 METHODS = ("scales", "full", "lora")
-TIMESTEP_SAMPLING = ("uniform", "stratified")
 DEFAULT_LR = {"scales": 3e-6, "full": 5e-6, "lora": 1e-4}
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -273,7 +274,7 @@ def training_loss(
     unet: nn.Module, scheduler, data: TrainingData, config: TrainConfig, generator: torch.Generator
 ) -> torch.Tensor:
     """One batch's loss: instance MSE + prior_loss_weight * class MSE."""
-    instance = _sample_instances(data, config.batch_size, generator)
+    instance = sample_instances(data, config.batch_size, generator)
     batch = [instance]
     if config.prior_preservation and len(data.class_indices):
         pick = torch.randint(len(data.class_indices), (config.batch_size,), generator=generator)
@@ -338,38 +339,6 @@ def _predict(
         encoder_hidden_states=embeddings.to(device, dtype),
     ).sample
     return prediction.float(), target.to(prediction.device)
-
-
-def sample_timesteps(
-    batch: int, num_train_timesteps: int, generator: torch.Generator, how: str = "uniform"
-) -> torch.Tensor:
-    """(batch,) int64 training timesteps in [0, T).
-
-    "uniform": independent draws. "stratified": t_i = floor((k_i + u_i) T / B) with
-    u_i ~ U[0, 1) and k a random permutation of 0..B-1, so each t_i is still uniform
-    on [0, T) but the batch holds one t per stratum (the low-discrepancy sampler of
-    Kingma et al., Variational Diffusion Models, 2021). With B a multiple of N every
-    expert interval gets B / N samples per step instead of a binomial share.
-    """
-    if how == "uniform":
-        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
-    strata = torch.randperm(batch, generator=generator).double()
-    u = torch.rand(batch, generator=generator, dtype=torch.float64)
-    t = torch.floor((strata + u) * num_train_timesteps / batch).long()
-    return t.clamp(0, num_train_timesteps - 1)
-
-
-def _sample_instances(
-    data: TrainingData, batch_size: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Balanced over subjects: pick a subject uniformly, then one of its images."""
-    per_subject = data.instance_indices
-    subject = torch.randint(len(per_subject), (batch_size,), generator=generator)
-    picks = []
-    for s in subject.tolist():
-        images = per_subject[s]
-        picks.append(images[torch.randint(len(images), (1,), generator=generator)])
-    return torch.cat(picks)
 
 
 def _parameter_groups(unet: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import torch
 
 from tuneqdm import QuantConfig, get_router, quantized_layers
 from tuneqdm.base import load_float_pipeline, load_quantized_pipeline
+from tuneqdm.batches import sample_timesteps
 from tuneqdm.data import Subject, prepare_data
 from tuneqdm.experts import expert_index
 from tuneqdm.train import (
@@ -14,7 +15,6 @@ from tuneqdm.train import (
     TrainingError,
     evaluation_loss,
     finetune,
-    sample_timesteps,
     training_loss,
 )
 
