@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -227,6 +228,32 @@ def method_unet(float_unet: torch.nn.Module, method: Method, rounding: str = "ne
                      hessians=hessians)
 
 
+_QUANTIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_method_unet(float_unet: torch.nn.Module, method: Method, rounding: str = "nearest",
+                       keep_float: tuple[str, ...] = (), hessians: dict | None = None
+                       ) -> torch.nn.Module:
+    """method_unet's UNet, quantized once per process and copied for every call.
+
+    A run must start from the untouched quantized base, and quantizing that base is
+    the same work every time: GPTQ takes about 2.5 s of a run on one thread, a copy
+    0.1 s. The quantized UNet is kept per float UNet object and per (bits, method,
+    experts, rounding, keep_float); copies are bit-identical to a fresh quantization
+    (tests/toyworld/test_compare.py). Like calibrate.calibration_hessians' cache, this
+    assumes the float UNet's weights do not change in place, and that `hessians` are
+    always those of calibration_hessians(pipe) for that UNet.
+    """
+    if method.bits is None:
+        return method_unet(float_unet, method, rounding, keep_float, hessians)
+    key = (method.bits, method.name in ("peqa", *UNTUNED_METHODS), method.num_experts,
+           rounding, tuple(keep_float))
+    per_unet = _QUANTIZED.setdefault(float_unet, {})
+    if key not in per_unet:
+        per_unet[key] = method_unet(float_unet, method, rounding, keep_float, hessians)
+    return copy.deepcopy(per_unet[key])
+
+
 def training_subject(subject: Subject, examples: Path = EXAMPLES, captioned: bool = True):
     """The subject as tuneqdm's Subject, its images read from examples/subjects/<id>,
     with their captions (<n>.txt beside them) unless `captioned` is False (then every
@@ -295,7 +322,8 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
         from .calibrate import calibration_hessians
 
         hessians = calibration_hessians(pipe)
-    unet = method_unet(pipe.unet, method, config.rounding, config.keep_float, hessians)
+    unet = cached_method_unet(pipe.unet, method, config.rounding, config.keep_float,
+                              hessians)
     if config.cache_weights and method.bits is not None:
         from tuneqdm.inference import cache_expanded_weights
 
@@ -336,5 +364,5 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     return row
 
 
-__all__ = ["UNTUNED_METHODS", "CompareConfig", "Method", "load_base", "method_unet",
-           "paper_methods", "run"]
+__all__ = ["UNTUNED_METHODS", "CompareConfig", "Method", "cached_method_unet", "load_base",
+           "method_unet", "paper_methods", "run"]

@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from toyworld.calibrate import calibration_hessians
-from toyworld.compare import CompareConfig, Method, load_base, method_unet, paper_methods, run
+from toyworld.compare import (
+    CompareConfig,
+    Method,
+    cached_method_unet,
+    load_base,
+    method_unet,
+    paper_methods,
+    run,
+)
 from toyworld.subjects import get_subject
 from toyworld.text import tokenize
-from tuneqdm import quantized_layers
+from tuneqdm import enable_timestep_experts, quantized_layers
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "models" / "toyworld-base"
@@ -178,6 +186,38 @@ def test_gptq_rows_keep_the_grid_and_draw_closer_to_the_float_base(pipe):
     assert error["gptq"] < 0.8 * error["nearest"]
     with pytest.raises(ValueError, match="rounding='gptq' needs hessians"):
         method_unet(pipe.unet, Method("peqa", 4), "gptq")
+
+
+def test_cached_quantized_bases_are_bit_identical_fresh_copies(pipe):
+    """Runs quantize each base once per process (GPTQ ~2.5 s) and train a copy: the
+    copy equals a fresh quantization bit for bit, routes its own experts, and what a
+    run trains never reaches the next run's copy."""
+    method = Method("tuneqdm", 4, 4)
+    hessians = calibration_hessians(pipe)
+    fresh = method_unet(pipe.unet, method, "gptq", hessians=hessians)
+    first = cached_method_unet(pipe.unet, method, "gptq", hessians=hessians)
+    assert first is not cached_method_unet(pipe.unet, method, "gptq", hessians=hessians)
+    assert fresh.state_dict().keys() == first.state_dict().keys()
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in fresh.state_dict().items())
+    generator = torch.Generator().manual_seed(3)
+    noisy = torch.randn(4, 4, 32, 32, generator=generator)
+    timesteps = torch.tensor([10, 300, 600, 990])  # one sample per expert
+    hidden = pipe.text_encoder(tokenize(pipe.tokenizer, ["a red striped star"] * 4))[0]
+    with torch.no_grad():
+        for unet in (fresh, first):  # expert e of every layer scaled by 1 + e / 10
+            for layer in quantized_layers(unet).values():
+                layer.scale_out.mul_(torch.arange(1, 1.4, 0.1)[:4].view(4, *[1] * (
+                    layer.scale_out.dim() - 1)))
+        enable_timestep_experts(first)  # replaces the copy's own hook, not a doubled one
+        assert len(first._forward_pre_hooks) == len(fresh._forward_pre_hooks)
+        expected = fresh(noisy, timesteps, encoder_hidden_states=hidden).sample
+        assert torch.equal(first(noisy, timesteps, encoder_hidden_states=hidden).sample,
+                           expected)
+    again = cached_method_unet(pipe.unet, method, "gptq", hessians=hessians)
+    untouched = method_unet(pipe.unet, method, "gptq", hessians=hessians)
+    assert all(torch.equal(v, untouched.state_dict()[k]) for k, v in again.state_dict().items())
+    float_copy = cached_method_unet(pipe.unet, Method("full"))
+    assert not quantized_layers(float_copy) and float_copy is not pipe.unet
 
 
 def test_a_run_learns_the_subject_and_reports_its_costs(pipe):
