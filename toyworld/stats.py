@@ -13,7 +13,8 @@ across subjects, not only across seeds of the same few.
   gets the same bootstrap interval. `margin` turns it into a non-inferiority test:
   "a >= (1 - margin) * b" is tested on a - (1 - margin) * b.
 
-Pure numpy, deterministic (fixed resampling seed), no distributional assumption.
+Pure numpy, deterministic (fixed resampling seed; runs sorted by subject and seed,
+so the order they finished in does not matter), no distributional assumption.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ LEVEL = 0.95
 
 
 def _by_subject(rows: list[dict], field: str) -> dict[str, list[float]]:
+    """field's values per subject, subjects in sorted order and each subject's runs by
+    seed: the resampling then does not depend on the order the runs finished in."""
     out: dict[str, list[float]] = {}
-    for row in rows:
+    for row in sorted(rows, key=lambda r: (r["subject"], r.get("seed", 0))):
         out.setdefault(row["subject"], []).append(float(row[field]))
     return out
 
@@ -107,17 +110,18 @@ def paired_test(a_rows: list[dict], b_rows: list[dict], field: str,
                 margin: float = 0.0) -> PairedResult:
     """Test "a > (1 - margin) * b" on `field`, runs paired by (subject, seed)."""
     b_by = {(r["subject"], r["seed"]): float(r[field]) for r in b_rows}
-    pairs = [(r["subject"], float(r[field]) - (1 - margin) * b_by[(r["subject"], r["seed"])])
-             for r in a_rows if (r["subject"], r["seed"]) in b_by]
+    pairs = sorted((r["subject"], r["seed"],
+                    float(r[field]) - (1 - margin) * b_by[(r["subject"], r["seed"])])
+                   for r in a_rows if (r["subject"], r["seed"]) in b_by)
     if not pairs:
         raise ValueError("paired_test: the two methods share no (subject, seed) runs")
-    diff_rows = [{"subject": s, "d": d} for s, d in pairs]
+    diff_rows = [{"subject": s, "seed": seed, "d": d} for s, seed, d in pairs]
     groups = [np.asarray(v) for v in _by_subject(diff_rows, "d").values()]
     low, high = cluster_bootstrap(groups)
-    estimate = Estimate(float(np.mean([d for _, d in pairs])), low, high, len(pairs))
+    estimate = Estimate(float(np.mean([d for _, _, d in pairs])), low, high, len(pairs))
     subject_means = np.array([g.mean() for g in groups])
     return PairedResult(estimate, sign_flip_p(subject_means),
-                        int(sum(d > 0 for _, d in pairs)), len(pairs), len(groups))
+                        int(sum(d > 0 for _, _, d in pairs)), len(pairs), len(groups))
 
 
 __all__ = ["Estimate", "PairedResult", "cluster_bootstrap", "mean_ci", "paired_test",

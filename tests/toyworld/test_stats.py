@@ -47,3 +47,16 @@ def test_mean_ci_and_paired_test_on_rows():
     assert paired_test(near, rows, "x", margin=0.01).wins == 0
     with pytest.raises(ValueError, match="share no"):
         paired_test(rows, [{**r, "seed": 9} for r in rows], "x")
+
+
+def test_intervals_do_not_depend_on_the_order_runs_finished_in():
+    """The table's runs come back in completion order, which varies between runs of
+    the script: the same runs in any order give the same intervals and p-values."""
+    rng = np.random.default_rng(5)
+    rows = [{"subject": f"s{i}", "seed": seed, "x": float(rng.uniform())}
+            for i in range(8) for seed in range(3)]
+    other = [{**r, "x": r["x"] - 0.1 * float(rng.uniform())} for r in rows]
+    shuffled = [rows[i] for i in rng.permutation(len(rows))]
+    assert mean_ci(shuffled, "x") == mean_ci(rows, "x")
+    assert paired_test(shuffled, other[::-1], "x", margin=0.05) == paired_test(
+        rows, other, "x", margin=0.05)
