@@ -291,6 +291,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--summarise", type=Path, default=None, metavar="JSON",
+                        help="run nothing: write --markdown (and --json) again from a "
+                             "finished run's JSON, e.g. after a change to the statistics")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -311,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child:
         print(json.dumps(memory_child(str(args.base), args.memory_child, args.memory_steps)))
         return
+    if args.summarise:
+        write_outputs(args, **load_run(args.summarise))
+        return
     if not (args.base / "model_index.json").is_file():
         raise SystemExit(f"--base {args.base}: no pipeline there (train it with "
                          "bash scripts/train_toyworld_base.sh)")
@@ -325,30 +331,59 @@ def main(argv: list[str] | None = None) -> None:
                     grid_subjects=args.subjects)
     grid_s = time.perf_counter() - start
     memory = {} if args.no_memory else measure_memory(args.base, methods, args.memory_steps)
+    if args.grid and config.prompts == "evaluation":
+        write_grid(args.grid, rows, methods, args.subjects)
+    command = shlex.join(["python", "benchmarks/toyworld_table.py", *(argv or sys.argv[1:])])
+    write_outputs(args, rows=[{k: v for k, v in r.items() if k != "images"} for r in rows],
+                  methods=methods, memory=memory, config=config, command=command,
+                  seeds=args.seeds, subjects=args.subjects, machine=machine_info(),
+                  seconds={"runs": grid_s, "total": time.perf_counter() - start})
+
+
+def load_run(path: Path) -> dict:
+    """write_outputs' arguments from a finished run's JSON (--summarise)."""
+    try:
+        run = json.loads(path.read_text())
+        config = CompareConfig(**{**run["config"], "keep_float": tuple(run["config"]
+                                                                      ["keep_float"])})
+        return {"rows": run["rows"], "methods": [Method.from_key(k) for k in run["methods"]],
+                "memory": run["memory"], "config": config, "seeds": run["seeds"],
+                "subjects": run["subjects"], "seconds": run["seconds"],
+                "machine": run["machine"],
+                "command": run.get("command", "(command not recorded)")}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"--summarise {path}: not a finished run's JSON of this script "
+                         f"({type(error).__name__}: {error})") from None
+
+
+def write_outputs(args: argparse.Namespace, rows: list[dict], methods: list[Method],
+                  memory: dict, config: CompareConfig, command: str, seeds: list[int],
+                  subjects: list[str], seconds: dict, machine: dict) -> None:
+    """Print the table and the claims; write --markdown and --json."""
     table = markdown_table(summarise(rows, methods, memory), COLUMNS)
     tested = check_claims(rows, methods)
     claims = (markdown_table(tested, CLAIM_COLUMNS) if tested
               else "(none: the rows run do not pair up into any of them)")
-    total_s = time.perf_counter() - start
+    total_s = seconds["total"]
     print(table, claims, sep="\n\n")
-    print(f"{len(rows)} runs in {grid_s:.0f} s; total {total_s:.0f} s")
+    print(f"{len(rows)} runs in {seconds['runs']:.0f} s; total {total_s:.0f} s")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        command = shlex.join(["python", "benchmarks/toyworld_table.py", *(argv or sys.argv[1:])])
+        workers = "" if args.summarise else f", {args.workers} workers"
+        again = ("" if not args.summarise else
+                 f" Summarised again from its JSON by `python benchmarks/toyworld_table.py "
+                 f"--summarise {args.summarise} --markdown {args.markdown}`.")
         args.markdown.write_text(
             f"Made by `HF_HUB_OFFLINE=1 {command}` in {total_s / 60:.1f} min "
-            f"({len(rows)} runs, {args.workers} workers): subjects {', '.join(args.subjects)}; "
-            f"seeds {', '.join(map(str, args.seeds))}; {config.to_dict()}.\n\n{table}\n\n"
+            f"({len(rows)} runs{workers}): subjects {', '.join(subjects)}; "
+            f"seeds {', '.join(map(str, seeds))}; {config.to_dict()}.{again}\n\n{table}\n\n"
             f"The paper's claims on subject fidelity, runs paired by (subject, seed):\n\n"
             f"{claims}\n")
         print(f"wrote {args.markdown}")
-    if args.grid and config.prompts == "evaluation":
-        write_grid(args.grid, rows, methods, args.subjects)
     write_json(args.json, {
-        "config": config.to_dict(), "seeds": args.seeds, "subjects": args.subjects,
-        "methods": [m.key for m in methods], "memory": memory, "machine": machine_info(),
-        "seconds": {"runs": grid_s, "total": total_s},
-        "rows": [{k: v for k, v in r.items() if k != "images"} for r in rows],
+        "config": config.to_dict(), "seeds": seeds, "subjects": subjects,
+        "methods": [m.key for m in methods], "memory": memory, "machine": machine,
+        "seconds": seconds, "command": command, "rows": rows,
     })
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,36 @@ def test_methods_flag_picks_table_rows_by_key():
     assert "none-n1-w4" not in [m.key for m in paper_methods()]
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "tuneqdm-n4-w5"])
+
+
+def test_summarise_rewrites_the_table_from_a_runs_json(tmp_path):
+    """--summarise runs nothing: the markdown and JSON it writes from a finished run's
+    JSON hold that run's rows, command, seconds and machine, and the same table."""
+    bench = _benchmark_module()
+    methods = [Method("full"), Method("tuneqdm", 4, 4)]
+    rows = [{"method": m.key, "seed": seed, "subject": f"s{i}",
+             "subject_fidelity": 0.8 + 0.01 * i, "subject_colour": 0.9,
+             "subject_shape": 1.0, "subject_pattern": 0.7, "prompt_fidelity": 1.0,
+             "background": 1.0, "position": 1.0, "trainable": 5, "personal_bytes": 20,
+             "train_s": 1.5} for m in methods for i in range(6) for seed in range(2)]
+    run = {"config": CompareConfig().to_dict(), "seeds": [0, 1],
+           "subjects": [f"s{i}" for i in range(6)], "methods": [m.key for m in methods],
+           "memory": {}, "machine": {"cpu_count": 2}, "seconds": {"runs": 600, "total": 660},
+           "command": "python benchmarks/toyworld_table.py --seeds 0 1", "rows": rows}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    bench.main(["--summarise", str(tmp_path / "run.json"), "--markdown",
+                str(tmp_path / "table.md"), "--json", str(tmp_path / "again.json")])
+    text = (tmp_path / "table.md").read_text()
+    assert text.startswith("Made by `HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py "
+                           "--seeds 0 1` in 11.0 min (24 runs)")
+    assert "Summarised again from its JSON" in text
+    assert bench.markdown_table(bench.summarise(rows, methods, {}), bench.COLUMNS) in text
+    assert "TuneQDM N=4 W4 >= 95% of full fine-tuning (fast)" in text
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert {k: again[k] for k in run} == {**run, "config": again["config"]}
+    assert again["config"] == json.loads(json.dumps(
+        CompareConfig().to_dict()))
+    (tmp_path / "bad.json").write_text('{"rows": []}')
+    with pytest.raises(SystemExit, match=r"--summarise .*bad\.json: not a finished run's "
+                                         r"JSON of this script \(KeyError"):
+        bench.main(["--summarise", str(tmp_path / "bad.json")])
