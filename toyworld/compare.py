@@ -219,13 +219,20 @@ def method_unet(float_unet: torch.nn.Module, method: Method, rounding: str = "ne
     unet = copy.deepcopy(float_unet)
     if method.bits is None:
         return unet
-    kind = "peqa" if method.name in ("peqa", *UNTUNED_METHODS) else "tuneqdm"
-    experts = 1 if kind == "peqa" else method.num_experts
+    kind, experts = _quantized_as(method)
     return quantize_(unet, QuantConfig(bits=method.bits, method=kind, num_experts=experts,
                                        rounding=rounding),
                      filter_fn=lambda layer, name: not any(fnmatch.fnmatchcase(name, p)
                                                            for p in keep_float),
                      hessians=hessians)
+
+
+def _quantized_as(method: Method) -> tuple[str, int]:
+    """(QuantConfig.method, num_experts) of a quantized row: the untuned rows carry
+    PEQA's s0 scales, one expert."""
+    if method.name in ("peqa", *UNTUNED_METHODS):
+        return "peqa", 1
+    return "tuneqdm", method.num_experts
 
 
 _QUANTIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -237,8 +244,8 @@ def cached_method_unet(float_unet: torch.nn.Module, method: Method, rounding: st
     """method_unet's UNet, quantized once per process and copied for every call.
 
     A run must start from the untouched quantized base, and quantizing that base is
-    the same work every time: GPTQ takes about 2.5 s of a run on one thread, a copy
-    0.1 s. The quantized UNet is kept per float UNet object and per (bits, method,
+    the same work every time: GPTQ takes 2.75 s of a run on one thread, a copy 0.07 s
+    (docs/benchmarks.md). The quantized UNet is kept per float UNet object and per (bits, method,
     experts, rounding, keep_float); copies are bit-identical to a fresh quantization
     (tests/toyworld/test_compare.py). Like calibrate.calibration_hessians' cache, this
     assumes the float UNet's weights do not change in place, and that `hessians` are
@@ -246,8 +253,7 @@ def cached_method_unet(float_unet: torch.nn.Module, method: Method, rounding: st
     """
     if method.bits is None:
         return method_unet(float_unet, method, rounding, keep_float, hessians)
-    key = (method.bits, method.name in ("peqa", *UNTUNED_METHODS), method.num_experts,
-           rounding, tuple(keep_float))
+    key = (method.bits, *_quantized_as(method), rounding, tuple(keep_float))
     per_unet = _QUANTIZED.setdefault(float_unet, {})
     if key not in per_unet:
         per_unet[key] = method_unet(float_unet, method, rounding, keep_float, hessians)
