@@ -276,8 +276,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rel-lr", type=float, default=None,
                         help="scale methods: lr_scale_out = rel_lr * mean(s0)")
     parser.add_argument("--prompts", choices=PROMPT_SETS, default="evaluation",
-                        help="score the evaluation prompts (the table) or the tuning "
-                             "prompts (to choose a recipe on, docs/toyworld.md)")
+                        help="score the evaluation prompts (the table), the tuning "
+                             "prompts (to choose a recipe on, docs/toyworld.md) or the "
+                             "validation prompts (a background held out of the photos; "
+                             "seed = fold)")
     parser.add_argument("--rounding", choices=ROUNDINGS, default=CompareConfig.rounding,
                         help="how the quantized rows round (default: gptq, the min/max "
                              "grid with GPTQ-chosen integers; nearest: the paper's "

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .metrics import prompt_fidelity, subject_fidelity
-from .subjects import Subject, subject_contexts, tuning_contexts
+from .subjects import Subject, subject_contexts, tuning_contexts, validation_split
 from .world import caption
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ UNTUNED_METHODS = ("none", "words")  # nothing trained
 
 
 RECIPES = ("fast", "paper")
-PROMPT_SETS = ("evaluation", "tuning")
+PROMPT_SETS = ("evaluation", "tuning", "validation")
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,11 @@ class CompareConfig:
     # low-bit diffusion work usually keeps in higher precision (Q-Diffusion), or
     # ("*resnets*",). Empty: every Linear and Conv2d is quantized.
     keep_float: tuple[str, ...] = ()
-    # which prompts runs generate and score: "evaluation" (what the table reports) or
-    # "tuning" (subjects.tuning_contexts: what recipes are chosen on)
+    # which prompts runs generate and score: "evaluation" (what the table reports),
+    # "tuning" (subjects.tuning_contexts: what recipes are chosen on) or "validation"
+    # (subjects.validation_split: one photo's background held out of training, fold =
+    # the run's seed; sees what the tuning prompts cannot, a subject tied to its
+    # photos' backgrounds)
     prompts: str = "evaluation"
     # train each photo on its caption (examples/subjects/<id>/<n>.txt: "a sks star on a
     # blue floor, top left") rather than the instance prompt alone
@@ -260,16 +263,21 @@ def cached_method_unet(float_unet: torch.nn.Module, method: Method, rounding: st
     return copy.deepcopy(per_unet[key])
 
 
-def training_subject(subject: Subject, examples: Path = EXAMPLES, captioned: bool = True):
+def training_subject(subject: Subject, examples: Path = EXAMPLES, captioned: bool = True,
+                     keep: list[int] | None = None):
     """The subject as tuneqdm's Subject, its images read from examples/subjects/<id>,
     with their captions (<n>.txt beside them) unless `captioned` is False (then every
-    image has the instance prompt, "a sks star")."""
+    image has the instance prompt, "a sks star"). `keep`: indices of the photos to
+    train on (default: all)."""
     from tuneqdm.data import Subject as TrainSubject
     from tuneqdm.data import load_captions, load_image_folder
 
     folder = examples / "subjects" / subject.subject_id
     images = load_image_folder(folder)
     captions = load_captions(folder) if captioned else None
+    if keep is not None:
+        images = [images[i] for i in keep]
+        captions = None if captions is None else [captions[i] for i in keep]
     return TrainSubject(subject.subject_id, images, subject.class_noun, token=subject.token,
                         prompt="a {token} {class_noun}", captions=captions)
 
@@ -289,12 +297,17 @@ def train_config(method: Method, unet: torch.nn.Module, config: CompareConfig, s
                        **common)
 
 
-def run_prompts(method: Method, subject: Subject, prompts: str = "evaluation") -> list[str]:
-    """The prompts a run generates: the subject's evaluation (or tuning) contexts, the
-    subject named by its token, or told in words for "words" ("a purple checkered star
-    on a orange background, top" for "a sks star on ...")."""
-    scenes = (subject_contexts(subject)[1] if prompts == "evaluation"
-              else tuning_contexts(subject))
+def run_prompts(method: Method, subject: Subject, prompts: str = "evaluation",
+                seed: int = 0) -> list[str]:
+    """The prompts a run generates: the subject's evaluation (or tuning, or validation
+    fold `seed`) contexts, the subject named by its token, or told in words for "words"
+    ("a purple checkered star on a orange background, top" for "a sks star on ...")."""
+    if prompts == "evaluation":
+        scenes = subject_contexts(subject)[1]
+    elif prompts == "tuning":
+        scenes = tuning_contexts(subject)
+    else:
+        scenes = validation_split(subject, fold=seed)[1]
     token = None if method.name == "words" else subject.token
     return [caption(scene, token=token) for scene in scenes]
 
@@ -314,7 +327,9 @@ def personal_bytes(method: Method, unet: torch.nn.Module, result) -> int:
 def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig,
         examples: Path = EXAMPLES, keep_images: bool = False) -> dict:
     """Fine-tune (unless "none" or "words"), generate the subject's evaluation (or, with
-    config.prompts="tuning", tuning) prompts (told in words for "words"), score.
+    config.prompts="tuning", tuning) prompts (told in words for "words"), score. With
+    config.prompts="validation", fold `seed` of subjects.validation_split: trained on
+    4 photos, scored on the left-out photo's background.
 
     Returns a row: means over the images of subject fidelity (and its colour, shape
     and pattern parts) and prompt fidelity (and background, position), plus trainable
@@ -337,9 +352,10 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     tuned = with_unet(pipe, unet)
     result = None
     if method.name not in UNTUNED_METHODS:
-        result = finetune(tuned, [training_subject(subject, examples, config.captioned)],
+        keep = validation_split(subject, fold=seed)[0] if config.prompts == "validation" else None
+        result = finetune(tuned, [training_subject(subject, examples, config.captioned, keep)],
                           train_config(method, unet, config, seed))
-    prompts = run_prompts(method, subject, config.prompts)
+    prompts = run_prompts(method, subject, config.prompts, seed)
     images = generate(tuned, prompts, None if result is None else result.scale_set,
                       seed=10_000 * seed, num_inference_steps=config.inference_steps,
                       guidance_scale=config.guidance_scale,

@@ -120,6 +120,36 @@ def tuning_contexts(subject: Subject, seed: int = 0) -> list[Scene]:
             for i, (bg, pos) in enumerate(chosen)]
 
 
+def validation_split(subject: Subject, fold: int, seed: int = 0) -> tuple[list[int], list[Scene]]:
+    """(indices of the photos to train on, NUM_EVAL_PROMPTS scenes to score): a
+    background held out of fine-tuning, to choose recipes on without the evaluation
+    prompts.
+
+    The tuning contexts reuse the photos' backgrounds, so a recipe that ties the subject
+    to its photos' backgrounds scores well there and fails on the evaluation prompts'
+    new ones (docs/toyworld.md "Full fine-tuning's rate"). Here one photo whose
+    background no other photo shows is left out of training, and the scenes put the
+    subject on that background: at the left-out photo's position and at 3 of the kept
+    photos'. Fold f (mod 3) leaves out the f-th of the 3 backgrounds shown once (the
+    4th background is shown twice). No evaluation background or position is used.
+    """
+    index = SUBJECTS.index(subject) if subject in SUBJECTS else 0
+    train, _ = subject_contexts(subject, seed)
+    backgrounds = [s.background for s in train]
+    once = [bg for bg in dict.fromkeys(backgrounds) if backgrounds.count(bg) == 1]
+    held = once[fold % len(once)]
+    keep = [i for i, bg in enumerate(backgrounds) if bg != held]
+    left_out = train[backgrounds.index(held)].position
+    rng = np.random.default_rng([seed, index, 2, fold % len(once)])
+    kept_positions = [train[i].position for i in keep]
+    positions = [left_out, *(kept_positions[i] for i in
+                             rng.choice(len(kept_positions), NUM_EVAL_PROMPTS - 1, replace=False))]
+    fixed = {"shape": subject.shape, "pattern": subject.pattern, "colour": subject.colour}
+    scenes = [sample_scene(rng, background=held, scene=SCENES[i % 2], position=pos, **fixed)
+              for i, pos in enumerate(positions)]
+    return keep, scenes
+
+
 def tuning_prompts(subject: Subject, seed: int = 0) -> list[str]:
     """Prompts of tuning_contexts: the subject by its token, in contexts built from its
     training images' backgrounds and positions, recombined."""

@@ -117,6 +117,30 @@ def test_runs_score_the_tuning_prompts_when_told():
         CompareConfig(prompts="test")
 
 
+def test_validation_runs_train_without_the_photo_they_score():
+    """prompts="validation": fold = the run's seed; the run trains on the 4 photos
+    validation_split keeps (with their own captions) and prompts the left-out
+    background."""
+    from toyworld.compare import run_prompts, training_subject
+    from toyworld.subjects import validation_split
+    from toyworld.world import caption
+
+    subject = get_subject("checkered-star")
+    everything = training_subject(subject)
+    for seed in range(3):
+        keep, scenes = validation_split(subject, fold=seed)
+        prompts = run_prompts(Method("full"), subject, "validation", seed)
+        assert prompts == [caption(s, token=subject.token) for s in scenes]
+        held = scenes[0].background
+        assert all(f"on a {held} " in p for p in prompts)
+        trained = training_subject(subject, keep=keep)
+        assert len(trained.images) == 4 and len(everything.images) == 5
+        assert trained.captions == [everything.captions[i] for i in keep]
+        assert not any(f"on a {held} " in c for c in trained.captions)
+        assert [im.tobytes() for im in trained.images] == [
+            everything.images[i].tobytes() for i in keep]
+
+
 def test_method_unet_copies_and_quantizes_without_touching_the_base(pipe):
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     unet = method_unet(pipe.unet, Method("tuneqdm", 3, 2))

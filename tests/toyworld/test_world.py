@@ -25,6 +25,7 @@ from toyworld.subjects import (
     subject_contexts,
     tuning_contexts,
     tuning_prompts,
+    validation_split,
     write_examples,
 )
 from toyworld.world import (
@@ -168,6 +169,36 @@ def test_tuning_prompts_share_no_context_with_the_evaluation_prompts():
                 subject.shape, subject.pattern, subject.colour)
             assert (scene.colour, scene.background) not in HELD_OUT_COLOUR_PAIRS
         assert not set(tuning_prompts(subject)) & set(evaluation_prompts(subject))
+
+
+def test_validation_folds_hold_a_background_out_of_the_photos():
+    """Each fold trains on the 4 photos without one of the backgrounds shown once, and
+    scores the subject on that background: new to the fine-tune, as the evaluation
+    backgrounds are, without any evaluation background or position."""
+    for subject in SUBJECTS:
+        train, evaluation = subject_contexts(subject)
+        held_backgrounds = []
+        for fold in range(3):
+            keep, scenes = validation_split(subject, fold)
+            assert (keep, scenes) == validation_split(subject, fold)  # deterministic
+            assert validation_split(subject, fold + 3) == (keep, scenes)  # folds cycle
+            assert len(keep) == 4 and len(scenes) == len(evaluation)
+            (left_out,) = set(range(len(train))) - set(keep)
+            held = train[left_out].background
+            assert {s.background for s in scenes} == {held}
+            assert held not in {train[i].background for i in keep}
+            assert scenes[0].position == train[left_out].position
+            assert {s.position for s in scenes} <= {s.position for s in train}
+            assert not {s.background for s in scenes} & {s.background for s in evaluation}
+            assert not {s.position for s in scenes} & {s.position for s in evaluation}
+            for scene in scenes:
+                assert (scene.shape, scene.pattern, scene.colour) == (
+                    subject.shape, subject.pattern, subject.colour)
+            held_backgrounds.append(held)
+        # the 3 folds hold out the 3 backgrounds shown once; the 4th is shown twice
+        assert len(set(held_backgrounds)) == 3
+        assert {bg for bg in (s.background for s in train)} - set(held_backgrounds) == {
+            train[0].background}
 
 
 def test_examples_match_the_generator(tmp_path):
