@@ -135,6 +135,8 @@ class CompareConfig:
     # 5e-3, 1e-2, 2e-2 gave 0.841, 0.875, 0.822; lr_full 1e-4, 3e-4 0.876, 0.883; LoRA
     # 1e-3, 3e-3, 1e-2 0.875, 0.883, 0.845; guidance 6, 4, 3, 2, 1.5 gave 0.821, 0.883,
     # 0.924, 0.957, 0.959 (full) and 0.774, 0.875, 0.895, 0.908, 0.912 (TuneQDM).
+    # lr_full on the validation prompts (session 21, seeds 0-2): 2e-4, 3e-4, 4e-4, 7e-4
+    # gave 0.924, 0.919, 0.869, 0.791; the tuning prompts had 7e-4 level with 3e-4.
     steps: int = 120
     batch_size: int = 4
     rel_lr: float = 1e-2  # scale methods: lr_scale_out = rel_lr * mean(s0)
