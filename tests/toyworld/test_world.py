@@ -197,8 +197,7 @@ def test_validation_folds_hold_a_background_out_of_the_photos():
             held_backgrounds.append(held)
         # the 3 folds hold out the 3 backgrounds shown once; the 4th is shown twice
         assert len(set(held_backgrounds)) == 3
-        assert {bg for bg in (s.background for s in train)} - set(held_backgrounds) == {
-            train[0].background}
+        assert {s.background for s in train} - set(held_backgrounds) == {train[0].background}
 
 
 def test_examples_match_the_generator(tmp_path):
