@@ -21,7 +21,6 @@ import json
 import multiprocessing
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +40,13 @@ from benchmarks._common import (
     rss_bytes,
     write_json,
 )
+from benchmarks._toyworld_summary import (
+    CLAIM_COLUMNS,
+    COLUMNS,
+    check_claims,
+    per_subject,
+    summarise,
+)
 from toyworld.compare import (
     PROMPT_SETS,
     UNTUNED_METHODS,
@@ -48,7 +54,6 @@ from toyworld.compare import (
     Method,
     paper_methods,
 )
-from toyworld.stats import mean_ci, paired_test
 from toyworld.subjects import SUBJECTS, get_subject
 from tuneqdm.batches import TIMESTEP_SAMPLING
 from tuneqdm.config import ROUNDINGS
@@ -149,82 +154,6 @@ def measure_memory(base: Path, methods: list[Method], steps: int) -> dict[str, d
 # -- tables and grid ------------------------------------------------------------------
 
 
-def summarise(rows: list[dict], methods: list[Method], memory: dict[str, dict]) -> list[dict]:
-    """One row per method: means over its runs (subjects x seeds); the two fidelities
-    with their 95% cluster-bootstrap intervals over subjects (toyworld/stats.py)."""
-    table = []
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method.key]
-        peak = memory.get(method.key, {}).get("peak_train_bytes")
-        table.append({
-            "method": method.label,
-            "subject": mean_ci(mine, "subject_fidelity").text(),
-            **{key: f"{mean_ci(mine, field).mean:.2f}" for key, field in PARTS},
-            "prompt": mean_ci(mine, "prompt_fidelity").text(),
-            "runs": str(len(mine)),
-            "trainable": f"{mine[0]['trainable']:,}",
-            "bytes": f"{mine[0]['personal_bytes']:,}",
-            "peak": "-" if peak is None else f"{peak / 2**20:.1f}",
-            "train_s": f"{statistics.mean(r['train_s'] for r in mine):.1f}",
-        })
-    return table
-
-
-PARTS = [("colour", "subject_colour"), ("shape", "subject_shape"),
-         ("pattern", "subject_pattern"), ("background", "background"),
-         ("position", "position")]
-
-
-def paper_claims(methods: list[Method]) -> list[tuple[str, Method, Method, float]]:
-    """The paper's claims that `methods` can test: (claim, a, b, margin) for "a beats
-    (1 - margin) x b" on subject fidelity."""
-    have = set(methods)
-    bits = sorted({m.bits for m in methods if m.name == "tuneqdm"}, reverse=True)
-    experts = max((m.num_experts for m in methods if m.name == "tuneqdm"), default=1)
-    claims = []
-    for b in bits:
-        claims.append((f"TuneQDM N={experts} > PEQA at W{b}", Method("tuneqdm", b, experts),
-                       Method("peqa", b), 0.0))
-    for b in bits:
-        claims.append((f"N={experts} > N=1 at W{b}", Method("tuneqdm", b, experts),
-                       Method("tuneqdm", b, 1), 0.0))
-    for recipe in ("fast", "paper"):
-        for b in bits:
-            claims.append((f"TuneQDM N={experts} W{b} >= 95% of full fine-tuning ({recipe})",
-                           Method("tuneqdm", b, experts, recipe), Method("full", recipe=recipe),
-                           0.05))
-    return [c for c in claims if c[1] in have and c[2] in have and c[1] != c[2]]
-
-
-def check_claims(rows: list[dict], methods: list[Method]) -> list[dict]:
-    """Each claim's paired test on subject fidelity (pairs: subject x seed)."""
-    out = []
-    for claim, a, b, margin in paper_claims(methods):
-        result = paired_test([r for r in rows if r["method"] == a.key],
-                             [r for r in rows if r["method"] == b.key],
-                             "subject_fidelity", margin)
-        verdict = "holds" if result.holds else "not shown"
-        if result.subjects < 6:
-            verdict += f" (only {result.subjects} subjects: p >= {2.0 ** -result.subjects:.3f})"
-        out.append({"claim": claim, "difference": result.difference.text(),
-                    "wins": f"{result.wins}/{result.pairs}", "p": f"{result.p_value:.4f}",
-                    "verdict": verdict})
-    return out
-
-
-CLAIM_COLUMNS = [("claim", "claim"), ("difference", "a - (1 - margin) b [95% CI]"),
-                 ("wins", "pairs won"), ("p", "p (one-sided, sign-flip over subjects)"),
-                 ("verdict", "at 5%")]
-
-
-COLUMNS = [("method", "method"), ("subject", "subject fidelity [95% CI]"),
-           ("colour", "colour"), ("shape", "shape"), ("pattern", "pattern"),
-           ("prompt", "prompt fidelity [95% CI]"), ("background", "background"),
-           ("position", "position"), ("runs", "runs"),
-           ("trainable", "trainable numbers"), ("bytes", "per-subject bytes"),
-           ("peak", "peak training MiB"), ("train_s", "train s")]
-
-
 def write_grid(path: Path, rows: list[dict], methods: list[Method], subjects: list[str]) -> None:
     """PNG: one column per (subject, first prompt image), rows = truth + methods."""
     import numpy as np
@@ -270,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-full", type=float, default=None)
     parser.add_argument("--lr-lora", type=float, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--inference-steps", type=int, default=None,
+                        help="DDIM steps per sample (default: CompareConfig's)")
     parser.add_argument("--captioned", action=argparse.BooleanOptionalAction, default=None,
                         help="train on each image's own caption (its background and "
                              "position) instead of the instance prompt alone")
@@ -307,6 +238,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr_full": args.lr_full,
                  "lr_lora": args.lr_lora, "rel_lr": args.rel_lr,
                  "guidance_scale": args.guidance_scale, "captioned": args.captioned,
+                 "inference_steps": args.inference_steps,
                  "timestep_sampling": args.timestep_sampling}
     return replace(CompareConfig(), rounding=args.rounding, prompts=args.prompts,
                    keep_float=tuple(args.keep_float),
@@ -360,6 +292,20 @@ def load_run(path: Path) -> dict:
                          f"({type(error).__name__}: {error})") from None
 
 
+def subject_tables(rows: list[dict], methods: list[Method], subjects: list[str]) -> str:
+    """Markdown: subject fidelity per subject (mean over seeds), and the same read on
+    the objects' interiors where the rows have it (metrics.interior)."""
+    columns = [("method", "method"), *((s, s) for s in subjects), ("weakest", "weakest")]
+    text = ("Subject fidelity per subject (mean over seeds):\n\n"
+            + markdown_table(per_subject(rows, methods, subjects), columns))
+    interior = per_subject(rows, methods, subjects, "subject_fidelity_interior")
+    if interior:
+        text += ("\n\nThe same with colour and pattern read on each object's interior, "
+                 "without its 1-px outline (a diagnostic of soft edges, docs/toyworld.md "
+                 "\"Edges\"):\n\n" + markdown_table(interior, columns))
+    return text
+
+
 def write_outputs(args: argparse.Namespace, rows: list[dict], methods: list[Method],
                   memory: dict, config: CompareConfig, command: str, seeds: list[int],
                   subjects: list[str], seconds: dict, machine: dict) -> None:
@@ -369,7 +315,8 @@ def write_outputs(args: argparse.Namespace, rows: list[dict], methods: list[Meth
     claims = (markdown_table(tested, CLAIM_COLUMNS) if tested
               else "(none: the rows run do not pair up into any of them)")
     total_s = seconds["total"]
-    print(table, claims, sep="\n\n")
+    by_subject = subject_tables(rows, methods, subjects)
+    print(table, claims, by_subject, sep="\n\n")
     print(f"{len(rows)} runs in {seconds['runs']:.0f} s; total {total_s:.0f} s")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +329,7 @@ def write_outputs(args: argparse.Namespace, rows: list[dict], methods: list[Meth
             f"({len(rows)} runs{workers}): subjects {', '.join(subjects)}; "
             f"seeds {', '.join(map(str, seeds))}; {config.to_dict()}.{again}\n\n{table}\n\n"
             f"The paper's claims on subject fidelity, runs paired by (subject, seed):\n\n"
-            f"{claims}\n")
+            f"{claims}\n\n{by_subject}\n")
         print(f"wrote {args.markdown}")
     write_json(args.json, {
         "config": config.to_dict(), "seeds": seeds, "subjects": subjects,

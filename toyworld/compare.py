@@ -375,6 +375,11 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
         "subject_colour": float(np.mean([s.colour for s in scores])),
         "subject_shape": float(np.mean([s.shape for s in scores])),
         "subject_pattern": float(np.mean([s.pattern for s in scores])),
+        # the same read on the object's interior (metrics.interior): a diagnostic of
+        # soft edges, docs/toyworld.md "Edges"
+        "subject_fidelity_interior": float(np.mean([s.interior_score for s in scores])),
+        "subject_colour_interior": float(np.mean([s.interior_colour for s in scores])),
+        "subject_pattern_interior": float(np.mean([s.interior_pattern for s in scores])),
         "prompt_fidelity": float(np.mean([(c.background_ok + c.position_ok) / 2
                                           for c in checks])),
         "background": float(np.mean([c.background_ok for c in checks])),

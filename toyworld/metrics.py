@@ -39,6 +39,14 @@ pattern and colour, each in [0, 1], and `score` their mean:
 All three are exactly 1.0 on the renderer's own images of the subject, at any
 position, size, background and scene. An image with no object scores 0.
 
+Colour and pattern are also read on the object's *interior* (`interior_colour`,
+`interior_pattern`, `interior_score`; the object minus its 1-px outline, `interior`),
+a diagnostic beside the score, not a replacement: a generated edge pixel is often a
+blend of object and background named a third colour (purple on green reads grey),
+and the outline is 45% of a star's pixels but 23-33% of the other shapes'
+(docs/toyworld.md "Edges"). The two readings together say whether a method missed
+the subject's colour and pattern or drew them with soft edges.
+
 The embedding metrics of DreamBooth (DINO, CLIP-I, CLIP-T) are in embeddings.py.
 """
 
@@ -288,16 +296,33 @@ def prompt_fidelity(image, prompt: str | CaptionSpec, subject: Subject | None = 
 @dataclass(frozen=True)
 class SubjectFidelity:
     """How close the image's object is to the subject: colour, shape and pattern in
-    [0, 1] (their mean is `score`); shape_iou is the fitted IoU behind `shape`."""
+    [0, 1] (their mean is `score`); shape_iou is the fitted IoU behind `shape`;
+    interior_colour and interior_pattern read the same on the object's interior
+    (module doc), and interior_score is their mean with `shape`."""
 
     colour: float
     shape: float
     pattern: float
     shape_iou: float = 0.0
+    interior_colour: float = 0.0
+    interior_pattern: float = 0.0
 
     @property
     def score(self) -> float:
         return (self.colour + self.shape + self.pattern) / 3.0
+
+    @property
+    def interior_score(self) -> float:
+        return (self.interior_colour + self.shape + self.interior_pattern) / 3.0
+
+
+def interior(mask: np.ndarray) -> np.ndarray:
+    """The pixels of `mask` ((H, W) bool) whose 4 neighbours are all in it: the mask
+    without its 1-px outline. A mask too thin to have an interior is returned whole."""
+    padded = np.pad(mask, 1)
+    inner = (mask & padded[:-2, 1:-1] & padded[2:, 1:-1]
+             & padded[1:-1, :-2] & padded[1:-1, 2:])
+    return inner if inner.any() else mask
 
 
 def subject_fidelity(image, subject: Subject,
@@ -307,9 +332,13 @@ def subject_fidelity(image, subject: Subject,
     mask = analysis.object_mask
     if not mask.any():
         return SubjectFidelity(0.0, 0.0, 0.0, 0.0)
-    colour = float((analysis.colour_index[mask] == COLOUR_NAMES.index(subject.colour)).mean())
+    named = analysis.colour_index == COLOUR_NAMES.index(subject.colour)  # (32, 32)
+    inner = interior(mask)
     ious = {shape: fit_shape(mask, shape)[0] for shape in SHAPES}
     shape = float(ious[subject.shape] >= max(ious.values()))
-    pattern = pattern_score(mask, analysis.shade, subject.pattern)
-    return SubjectFidelity(colour=colour, shape=shape, pattern=pattern,
+    return SubjectFidelity(colour=float(named[mask].mean()), shape=shape,
+                           pattern=pattern_score(mask, analysis.shade, subject.pattern),
+                           interior_colour=float(named[inner].mean()),
+                           interior_pattern=pattern_score(inner, analysis.shade,
+                                                          subject.pattern),
                            shape_iou=ious[subject.shape])

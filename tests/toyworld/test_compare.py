@@ -290,16 +290,39 @@ def test_table_is_the_mean_over_runs_with_an_interval_over_subjects():
     assert table[0]["bytes"] == "1,234" and table[0]["peak"] == "3.0"
 
 
+def test_per_subject_table_names_the_weakest_subject_and_reads_interiors_if_run():
+    bench = _benchmark_module()
+    methods = [Method("full"), Method("tuneqdm", 4, 4)]
+    rows = [{"method": "full-n1-fp32", "seed": seed, "subject": subject,
+             "subject_fidelity": value + 0.02 * seed, "subject_fidelity_interior": 0.95}
+            for seed in (0, 1) for subject, value in (("star", 0.82), ("circle", 0.9))]
+    rows += [{"method": "tuneqdm-n4-w4", "seed": 0, "subject": subject,
+              "subject_fidelity": 0.7} for subject in ("star", "circle")]  # an older run
+    table = bench.per_subject(rows, methods, ["star", "circle"])
+    assert table == [
+        {"method": "full-precision DreamBooth", "star": "0.830", "circle": "0.910",
+         "weakest": "0.830 (star)"},
+        {"method": "TuneQDM N=4 W4", "star": "0.700", "circle": "0.700",
+         "weakest": "0.700 (star)"}]
+    interior = bench.per_subject(rows, methods, ["star", "circle"], "subject_fidelity_interior")
+    assert [r["method"] for r in interior] == ["full-precision DreamBooth"]
+    text = bench.subject_tables(rows, methods, ["star", "circle"])
+    assert "| method | star | circle | weakest |" in text and "interior" in text
+    assert "interior" not in bench.subject_tables(rows[4:], methods, ["star", "circle"])
+
+
 def test_table_options_set_the_recipe_and_the_prompts():
     bench = _benchmark_module()
     default = bench.config_from_args(bench.parse_args([]))
     assert default == CompareConfig() and default.captioned and default.prompts == "evaluation"
     tuned = bench.config_from_args(bench.parse_args(
         ["--prompts", "tuning", "--no-captioned", "--lr-full", "1e-4", "--rel-lr", "0.02",
-         "--guidance-scale", "3", "--steps", "60", "--batch-size", "2"]))
+         "--guidance-scale", "3", "--steps", "60", "--batch-size", "2",
+         "--inference-steps", "40"]))
     assert (tuned.prompts, tuned.captioned, tuned.lr_full, tuned.rel_lr) == (
         "tuning", False, 1e-4, 0.02)
     assert (tuned.guidance_scale, tuned.steps, tuned.batch_size) == (3.0, 60, 2)
+    assert tuned.inference_steps == 40
     assert default.keep_float == ()
     kept = bench.config_from_args(bench.parse_args(["--keep-float", "conv_in", "*resnets*"]))
     assert kept.keep_float == ("conv_in", "*resnets*")

@@ -13,6 +13,7 @@ from toyworld.metrics import (
     analyse,
     classify_pattern,
     classify_shape,
+    interior,
     prompt_fidelity,
     subject_fidelity,
     to_world_array,
@@ -121,12 +122,15 @@ def test_subject_fidelity_is_one_on_the_subject_and_low_on_others():
             fidelity = subject_fidelity(render(scene).image, subject)
             assert (fidelity.colour, fidelity.shape, fidelity.pattern, fidelity.shape_iou) == (
                 1.0, 1.0, 1.0, 1.0)
+            assert (fidelity.interior_colour, fidelity.interior_pattern) == (1.0, 1.0)
         scene = train[0]
         other_colour = next(c for c in COLOUR_NAMES if c not in (subject.colour, scene.background))
         recoloured = subject_fidelity(render(replace(scene, colour=other_colour)).image, subject)
         assert recoloured.colour == 0.0 and recoloured.shape == 1.0 and recoloured.score < 0.7
+        assert recoloured.interior_colour == 0.0 and recoloured.interior_score < 0.7
         plain = subject_fidelity(render(replace(scene, pattern="plain")).image, subject)
         assert plain.pattern == 0.0 and plain.score < 0.7
+        assert plain.interior_pattern == 0.0 and plain.interior_score < 0.7
         other_shape = next(s for s in ("circle", "cross") if s != subject.shape)
         reshaped = subject_fidelity(render(replace(scene, shape=other_shape)).image, subject)
         assert reshaped.shape == 0.0 and reshaped.shape_iou < 0.95 and reshaped.score < 0.7
@@ -136,6 +140,32 @@ def test_subject_fidelity_is_one_on_the_subject_and_low_on_others():
     blank = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     assert subject_fidelity(blank, SUBJECTS[0]).score == 0.0
     assert analyse(blank).object_colour is None
+
+
+def test_interior_drops_the_outline_and_keeps_thin_masks_whole():
+    square = np.zeros((8, 8), bool)
+    square[2:6, 1:6] = True  # 4 x 5
+    inner = interior(square)
+    assert inner.sum() == 2 * 3 and inner[3:5, 2:5].all()
+    line = np.zeros((8, 8), bool)
+    line[3, 1:7] = True
+    assert np.array_equal(interior(line), line)
+
+
+def test_soft_edges_cost_the_score_but_not_the_interior_reading():
+    # A generated edge pixel is often a blend of object and background that the palette
+    # names a third colour: purple on green reads as black's shade (grey).
+    subject = next(s for s in SUBJECTS if s.subject_id == "checkered-star")
+    scene = replace(subject_contexts(subject)[0][0], background="green")
+    rendered = render(scene)
+    image = rendered.image.copy()
+    outline = rendered.object_mask & ~interior(rendered.object_mask)
+    blend = (np.array(COLOURS["purple"][0]) + np.array(COLOURS["green"][0])) // 2
+    image[outline] = blend
+    sharp, soft = subject_fidelity(rendered.image, subject), subject_fidelity(image, subject)
+    assert sharp.score == 1.0
+    assert soft.shape == 1.0 and soft.colour < 0.7 and soft.score < 0.85
+    assert (soft.interior_colour, soft.interior_pattern, soft.interior_score) == (1.0, 1.0, 1.0)
 
 
 @pytest.fixture(scope="module")
