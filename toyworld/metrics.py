@@ -43,7 +43,7 @@ Colour and pattern are also read on the object's *interior* (`interior_colour`,
 `interior_pattern`, `interior_score`; the object minus its 1-px outline, `interior`),
 a diagnostic beside the score, not a replacement: a generated edge pixel is often a
 blend of object and background named a third colour (purple on green reads grey),
-and the outline is 45% of a star's pixels but 23-33% of the other shapes'
+and the outline is 47% of a rendered star's pixels, 20-37% of the other shapes'
 (docs/toyworld.md "Edges"). The two readings together say whether a method missed
 the subject's colour and pattern or drew them with soft edges.
 
