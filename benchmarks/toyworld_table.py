@@ -5,8 +5,8 @@ generate and score its evaluation prompts. Runs go to worker processes (one torc
 thread each: small UNet ops scale badly across threads). Peak training memory is
 measured separately, one fresh process per method. Writes a markdown table (mean and
 95% intervals over subjects, toyworld/stats.py), the paper's claims as paired tests,
-an image grid (rows: methods, columns: prompts; the top row is the renderer's ground
-truth) and JSON.
+each subject's mean per row (benchmarks/_toyworld_summary.py), an image grid (rows:
+methods, columns: prompts; the top row is the renderer's ground truth) and JSON.
 
     HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py          # 8 subjects x 3 seeds: ~1 h
     HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py --quick  # < 5 min
