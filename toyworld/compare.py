@@ -328,6 +328,32 @@ def personal_bytes(method: Method, unet: torch.nn.Module, result) -> int:
     return 4 * sum(p.numel() for p in unet.parameters())
 
 
+def score_images(images: list, prompts: list[str], subject: Subject) -> dict:
+    """Means over `images` (one per entry of `prompts`) of subject fidelity, its colour,
+    shape and pattern parts, the same read on the objects' interiors (metrics.interior:
+    a diagnostic of soft edges, docs/toyworld.md "Edges"), and prompt fidelity with its
+    background and position parts."""
+    scores = [subject_fidelity(image, subject) for image in images]
+    checks = [prompt_fidelity(image, prompt, subject)
+              for image, prompt in zip(images, prompts, strict=True)]
+
+    def mean(values) -> float:
+        return float(np.mean(list(values)))
+
+    return {
+        "subject_fidelity": mean(s.score for s in scores),
+        "subject_colour": mean(s.colour for s in scores),
+        "subject_shape": mean(s.shape for s in scores),
+        "subject_pattern": mean(s.pattern for s in scores),
+        "subject_fidelity_interior": mean(s.interior_score for s in scores),
+        "subject_colour_interior": mean(s.interior_colour for s in scores),
+        "subject_pattern_interior": mean(s.interior_pattern for s in scores),
+        "prompt_fidelity": mean((c.background_ok + c.position_ok) / 2 for c in checks),
+        "background": mean(c.background_ok for c in checks),
+        "position": mean(c.position_ok for c in checks),
+    }
+
+
 def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig,
         examples: Path = EXAMPLES, keep_images: bool = False) -> dict:
     """Fine-tune (unless "none" or "words"), generate the subject's evaluation (or, with
@@ -365,31 +391,13 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
                       guidance_scale=config.guidance_scale,
                       num_images_per_prompt=config.images_per_prompt)
     asked = [p for p in prompts for _ in range(config.images_per_prompt)]
-    scores = [subject_fidelity(image, subject) for image in images]
-    checks = [prompt_fidelity(image, prompt, subject) for image, prompt in zip(images, asked,
-                                                                                 strict=True)]
-    row = {
-        "method": method.key, "label": method.label, "subject": subject.subject_id,
-        "seed": seed,
-        "subject_fidelity": float(np.mean([s.score for s in scores])),
-        "subject_colour": float(np.mean([s.colour for s in scores])),
-        "subject_shape": float(np.mean([s.shape for s in scores])),
-        "subject_pattern": float(np.mean([s.pattern for s in scores])),
-        # the same read on the object's interior (metrics.interior): a diagnostic of
-        # soft edges, docs/toyworld.md "Edges"
-        "subject_fidelity_interior": float(np.mean([s.interior_score for s in scores])),
-        "subject_colour_interior": float(np.mean([s.interior_colour for s in scores])),
-        "subject_pattern_interior": float(np.mean([s.interior_pattern for s in scores])),
-        "prompt_fidelity": float(np.mean([(c.background_ok + c.position_ok) / 2
-                                          for c in checks])),
-        "background": float(np.mean([c.background_ok for c in checks])),
-        "position": float(np.mean([c.position_ok for c in checks])),
-        "trainable": 0 if result is None else result.trainable_numbers,
-        "personal_bytes": personal_bytes(method, unet, result),
-        "train_s": 0.0 if result is None else result.seconds,
-        "loss_first": None if result is None else float(np.mean(result.losses[:10])),
-        "loss_last": None if result is None else result.final_loss,
-    }
+    row = {"method": method.key, "label": method.label, "subject": subject.subject_id,
+           "seed": seed, **score_images(images, asked, subject),
+           "trainable": 0 if result is None else result.trainable_numbers,
+           "personal_bytes": personal_bytes(method, unet, result),
+           "train_s": 0.0 if result is None else result.seconds,
+           "loss_first": None if result is None else float(np.mean(result.losses[:10])),
+           "loss_last": None if result is None else result.final_loss}
     if keep_images:
         row["images"] = [np.asarray(image) for image in images]
     return row
