@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import prompt_fidelity, subject_fidelity
+from .evaluate import score_images
 from .subjects import Subject, subject_contexts, tuning_contexts, validation_split
 from .world import caption
 
@@ -326,32 +326,6 @@ def personal_bytes(method: Method, unet: torch.nn.Module, result) -> int:
     if method.name == "lora":
         return 4 * sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
     return 4 * sum(p.numel() for p in unet.parameters())
-
-
-def score_images(images: list, prompts: list[str], subject: Subject) -> dict:
-    """Means over `images` (one per entry of `prompts`) of subject fidelity, its colour,
-    shape and pattern parts, the same read on the objects' interiors (metrics.interior:
-    a diagnostic of soft edges, docs/toyworld.md "Edges"), and prompt fidelity with its
-    background and position parts."""
-    scores = [subject_fidelity(image, subject) for image in images]
-    checks = [prompt_fidelity(image, prompt, subject)
-              for image, prompt in zip(images, prompts, strict=True)]
-
-    def mean(values) -> float:
-        return float(np.mean(list(values)))
-
-    return {
-        "subject_fidelity": mean(s.score for s in scores),
-        "subject_colour": mean(s.colour for s in scores),
-        "subject_shape": mean(s.shape for s in scores),
-        "subject_pattern": mean(s.pattern for s in scores),
-        "subject_fidelity_interior": mean(s.interior_score for s in scores),
-        "subject_colour_interior": mean(s.interior_colour for s in scores),
-        "subject_pattern_interior": mean(s.interior_pattern for s in scores),
-        "prompt_fidelity": mean((c.background_ok + c.position_ok) / 2 for c in checks),
-        "background": mean(c.background_ok for c in checks),
-        "position": mean(c.position_ok for c in checks),
-    }
 
 
 def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig,

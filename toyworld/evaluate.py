@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .metrics import analyse, classify_pattern, prompt_fidelity
+from .metrics import analyse, classify_pattern, prompt_fidelity, subject_fidelity
 from .split import held_out_scenes
+from .subjects import Subject
 from .world import caption, parse_caption
 
 
@@ -55,6 +56,32 @@ def colour_accuracy(images: list[np.ndarray], prompts: list[str]) -> dict[str, f
         "shape": float(np.mean([c.shape_ok for c in checks])),
         "pattern": float(np.mean(patterns)) if patterns else float("nan"),
         "images": len(checks),
+    }
+
+
+def score_images(images: list, prompts: list[str], subject: Subject) -> dict:
+    """Means over `images` (one per entry of `prompts`) of subject fidelity, its colour,
+    shape and pattern parts, the same read on the objects' interiors (metrics.interior:
+    a diagnostic of soft edges, docs/toyworld.md "Edges"), and prompt fidelity with its
+    background and position parts."""
+    scores = [subject_fidelity(image, subject) for image in images]
+    checks = [prompt_fidelity(image, prompt, subject)
+              for image, prompt in zip(images, prompts, strict=True)]
+
+    def mean(values) -> float:
+        return float(np.mean(list(values)))
+
+    return {
+        "subject_fidelity": mean(s.score for s in scores),
+        "subject_colour": mean(s.colour for s in scores),
+        "subject_shape": mean(s.shape for s in scores),
+        "subject_pattern": mean(s.pattern for s in scores),
+        "subject_fidelity_interior": mean(s.interior_score for s in scores),
+        "subject_colour_interior": mean(s.interior_colour for s in scores),
+        "subject_pattern_interior": mean(s.interior_pattern for s in scores),
+        "prompt_fidelity": mean((c.background_ok + c.position_ok) / 2 for c in checks),
+        "background": mean(c.background_ok for c in checks),
+        "position": mean(c.position_ok for c in checks),
     }
 
 
