@@ -22,6 +22,7 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,10 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY_BASE = ROOT / "models" / "toyworld-base"
 
 
-def step_variant(name: str, pipe, ids: torch.Tensor, *, autocast: bool = False,
-                 channels_last: bool = False, compile_unet: bool = False) -> Variant:
-    """A Variant running one training step on its own copy of pipe's UNet and text
-    encoder. `ids` (B, 24) token ids; latents (B, 4, 32, 32) and timesteps drawn once."""
+def make_step(pipe, ids: torch.Tensor, *, autocast: bool = False,
+              channels_last: bool = False, compile_unet: bool = False) -> Callable[[], float]:
+    """A function running one training step on its own copy of pipe's UNet and text
+    encoder and returning its loss. `ids` (B, 24) token ids; latents (B, 4, 32, 32),
+    targets and timesteps are drawn once (seed 0), so every variant sees the same."""
     unet, text = copy.deepcopy(pipe.unet).train(), copy.deepcopy(pipe.text_encoder).train()
     parameters = list(unet.parameters()) + list(text.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-6, weight_decay=0.0)
@@ -49,12 +51,9 @@ def step_variant(name: str, pipe, ids: torch.Tensor, *, autocast: bool = False,
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         latents = latents.contiguous(memory_format=torch.channels_last)
-    info = {}
-    forward = unet
-    if compile_unet:
-        forward = torch.compile(unet)
+    forward = torch.compile(unet) if compile_unet else unet
 
-    def run() -> None:
+    def run() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             hidden = text(ids)[0]  # (B, 24, 64)
             prediction = forward(latents, timesteps, encoder_hidden_states=hidden).sample
@@ -63,8 +62,15 @@ def step_variant(name: str, pipe, ids: torch.Tensor, *, autocast: bool = False,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
+        return loss.item()
 
-    if compile_unet:
+    return run
+
+
+def step_variant(name: str, pipe, ids: torch.Tensor, **options) -> Variant:
+    """`make_step` as a timed Variant; a compiled one is compiled (one step) untimed."""
+    run, info = make_step(pipe, ids, **options), {}
+    if options.get("compile_unet"):
         start = time.perf_counter()
         run()
         info["compile_s"] = round(time.perf_counter() - start, 1)
