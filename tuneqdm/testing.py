@@ -8,8 +8,10 @@ save it with `save_pretrained` and load it back through `from_pretrained`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -229,3 +231,15 @@ def write_reference_checkpoint(float_dir: str | Path, path: str | Path, num_expe
                         "train_bias": False}
     torch.save({"delta_state": state, "config": reference_config}, str(path))
     return state
+
+
+def load_script(path: str | Path) -> ModuleType:
+    """Import a script that is not in a package (benchmarks/*.py, scripts/*.py) by its
+    path, as a module named after its file, so that tests can call its functions."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

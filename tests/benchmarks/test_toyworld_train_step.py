@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from tuneqdm.testing import load_script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -15,11 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _benchmark_module():
-    path = ROOT / "benchmarks" / "toyworld_train_step.py"
-    spec = importlib.util.spec_from_file_location("toyworld_train_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "toyworld_train_step.py")
 
 
 @pytest.fixture(scope="module")

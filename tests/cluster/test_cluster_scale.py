@@ -3,20 +3,18 @@ benchmark cannot rot: every subject finishes, and its numbers are sane."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
+from tuneqdm.testing import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cluster_scale.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("cluster_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_quick_scale_benchmark(cluster, s3_endpoint, tmp_path):

@@ -6,7 +6,6 @@ and bounded."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from cluster_kit import free_port
+
+from tuneqdm.testing import load_script
 
 SERVE_COMMON = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_common.py"
 BUCKET = "serve-cluster"
@@ -32,10 +33,7 @@ def _cli(*args: str) -> str:
 
 def _serve_common():
     """benchmarks/serve_common.py, imported by path (its synthetic subjects)."""
-    spec = importlib.util.spec_from_file_location("serve_common", SERVE_COMMON)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SERVE_COMMON)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ artefact store (training-photo thumbnails beside samples, finished subjects only
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from pathlib import Path
 
@@ -12,16 +11,13 @@ from PIL import Image
 from test_store import _meta, _scales
 
 from pipeline.store import Storage, write_subject
+from tuneqdm.testing import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("demo_montage",
-                                                  ROOT / "scripts" / "demo_montage.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "demo_montage.py")
 
 
 def _png(colour: tuple[int, int, int], side: int = 8) -> bytes:

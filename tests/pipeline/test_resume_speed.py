@@ -6,20 +6,18 @@ the benchmark's, recorded in docs/pipeline.md)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tuneqdm.testing import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "resume_speed.py"
 SUBJECTS = 200
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("resume_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from toyworld.compare import (
 from toyworld.subjects import get_subject
 from toyworld.text import tokenize
 from tuneqdm import enable_timestep_experts, quantized_layers
+from tuneqdm.testing import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "models" / "toyworld-base"
@@ -266,11 +266,7 @@ def test_a_run_learns_the_subject_and_reports_its_costs(pipe):
 
 
 def _benchmark_module():
-    path = ROOT / "benchmarks" / "toyworld_table.py"
-    spec = importlib.util.spec_from_file_location("toyworld_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "toyworld_table.py")
 
 
 def test_table_is_the_mean_over_runs_with_an_interval_over_subjects():
