@@ -1,9 +1,10 @@
 """Seconds per training step of the toy-world base: can the 100-minute script go faster?
 
-One step of `toyworld.base.train_denoiser`'s work (text encoder and UNet forward,
-v-prediction loss, backward, gradient clip, AdamW) at the script's size (batch 32,
-32 x 32 latents, 24 tokens), starting from the committed base's weights, in ways the
-CPU might run it faster:
+One step of `toyworld.base.train_denoiser`'s work (text encoder and UNet forward, a
+squared-error loss against a fixed target in place of its weighted v-prediction loss,
+backward, gradient clip, AdamW) at the script's size (batch 32, 32 x 32 latents, 24
+tokens), starting from the committed base's weights, in ways the CPU might run it
+faster:
 
   fp32           eager float32, what the script does
   bf16-autocast  torch.autocast("cpu", bfloat16) around the forwards
