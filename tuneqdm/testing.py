@@ -4,6 +4,7 @@ Model hubs cannot be reached here, so tests build a real diffusers
 StableDiffusionPipeline from small configs (in the manner of diffusers'
 `get_dummy_components`) with a CLIP tokenizer whose files are written locally,
 save it with `save_pretrained` and load it back through `from_pretrained`.
+`load_script` imports a benchmark or script (not a package module) by its path.
 """
 
 from __future__ import annotations

@@ -15,10 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _benchmark_module():
-    return load_script(ROOT / "benchmarks" / "toyworld_train_step.py")
-
-
 @pytest.fixture(scope="module")
 def setup():
     from diffusers import StableDiffusionPipeline
@@ -27,7 +23,7 @@ def setup():
     ids = pipe.tokenizer(["a red star on a blue floor", "a dotted circle on a green floor"],
                          padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          return_tensors="pt").input_ids  # (2, 24)
-    return _benchmark_module(), pipe, ids
+    return load_script(ROOT / "benchmarks" / "toyworld_train_step.py"), pipe, ids
 
 
 def test_channels_last_and_bf16_steps_match_the_fp32_step(setup):
