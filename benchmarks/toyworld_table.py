@@ -117,7 +117,14 @@ def memory_child(base: str, key: str, steps: int) -> dict:
 
     import torch
 
-    from toyworld.compare import load_base, method_unet, train_config, training_subject, with_unet
+    from toyworld.compare import (
+        load_base,
+        memory_config,
+        method_unet,
+        train_config,
+        training_subject,
+        with_unet,
+    )
     from tuneqdm.train import finetune
 
     torch.set_num_threads(1)
@@ -127,13 +134,13 @@ def memory_child(base: str, key: str, steps: int) -> dict:
     tuned = with_unet(pipe, unet)
     pipe.unet = None
     subject = training_subject(SUBJECTS[0])
-    finetune(tuned, [subject], replace(train_config(method, unet, CompareConfig(), 0), steps=2))
+    config = memory_config(CompareConfig())
+    finetune(tuned, [subject], replace(train_config(method, unet, config, 0), steps=2))
     gc.collect()
     release_free_memory()
     before = rss_bytes()
     reset_peak_rss()
-    finetune(tuned, [subject], replace(train_config(method, unet, CompareConfig(), 0),
-                                       steps=steps))
+    finetune(tuned, [subject], replace(train_config(method, unet, config, 0), steps=steps))
     return {"method": key, "peak_train_bytes": peak_rss_bytes() - before,
             "model_bytes": sum(t.numel() * t.element_size()
                                for t in [*unet.parameters(), *unet.buffers()])}
@@ -196,6 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "full-n1-fp32 peqa-n1-w4 tuneqdm-n4-w4)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--full-batch-size", type=int, default=None,
+                        help="full fine-tuning's batch under the fast recipe (default "
+                             f"{CompareConfig.full_batch_size})")
     parser.add_argument("--lr-full", type=float, default=None)
     parser.add_argument("--lr-lora", type=float, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
@@ -235,7 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """CompareConfig's defaults with what the command line sets."""
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr_full": args.lr_full,
+    overrides = {"steps": args.steps, "batch_size": args.batch_size,
+                 "full_batch_size": args.full_batch_size, "lr_full": args.lr_full,
                  "lr_lora": args.lr_lora, "rel_lr": args.rel_lr,
                  "guidance_scale": args.guidance_scale, "captioned": args.captioned,
                  "inference_steps": args.inference_steps,
@@ -280,8 +291,9 @@ def load_run(path: Path) -> dict:
     """write_outputs' arguments from a finished run's JSON (--summarise)."""
     try:
         run = json.loads(path.read_text())
-        config = CompareConfig(**{**run["config"], "keep_float": tuple(run["config"]
-                                                                      ["keep_float"])})
+        # runs before session 25 trained full fine-tuning at the common batch
+        saved = {"full_batch_size": run["config"]["batch_size"], **run["config"]}
+        config = CompareConfig(**{**saved, "keep_float": tuple(saved["keep_float"])})
         return {"rows": run["rows"], "methods": [Method.from_key(k) for k in run["methods"]],
                 "memory": run["memory"], "config": config, "seeds": run["seeds"],
                 "subjects": run["subjects"], "seconds": run["seconds"],

@@ -60,6 +60,25 @@ def test_the_paper_recipe_trains_400_steps_of_batch_1(pipe):
     assert paper.lr_scale_out == fast.lr_scale_out
 
 
+def test_full_fine_tuning_trains_at_its_own_batch_and_is_measured_at_the_common_one(pipe):
+    """The fast recipe gives full fine-tuning full_batch_size (8); the paper's recipe
+    is batch 1 for every method; memory_config puts full fine-tuning back at the other
+    rows' batch so the memory column compares methods at one batch."""
+    from toyworld.compare import memory_config, train_config
+
+    config = CompareConfig()
+    assert (config.batch_size, config.full_batch_size) == (4, 8)
+    full = train_config(Method("full"), pipe.unet, config, seed=0)
+    paper = train_config(Method("full", recipe="paper"), pipe.unet, config, seed=0)
+    lora = train_config(Method("lora"), pipe.unet, config, seed=0)
+    assert (full.method, full.steps, full.batch_size, full.lr) == ("full", 120, 8, 2e-4)
+    assert (paper.steps, paper.batch_size) == (400, 1)
+    assert lora.batch_size == 4
+    measured = memory_config(config)
+    assert train_config(Method("full"), pipe.unet, measured, seed=0).batch_size == 4
+    assert measured.steps == config.steps and measured.lr_full == config.lr_full
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"name": "qlora"}, "allowed: none, words, full, lora, peqa, tuneqdm"),
     ({"name": "peqa"}, "needs bits"),
@@ -314,10 +333,11 @@ def test_table_options_set_the_recipe_and_the_prompts():
     tuned = bench.config_from_args(bench.parse_args(
         ["--prompts", "tuning", "--no-captioned", "--lr-full", "1e-4", "--rel-lr", "0.02",
          "--guidance-scale", "3", "--steps", "60", "--batch-size", "2",
-         "--inference-steps", "40"]))
+         "--inference-steps", "40", "--full-batch-size", "16"]))
     assert (tuned.prompts, tuned.captioned, tuned.lr_full, tuned.rel_lr) == (
         "tuning", False, 1e-4, 0.02)
     assert (tuned.guidance_scale, tuned.steps, tuned.batch_size) == (3.0, 60, 2)
+    assert tuned.full_batch_size == 16 and default.full_batch_size == 8
     assert tuned.inference_steps == 40
     assert default.keep_float == ()
     kept = bench.config_from_args(bench.parse_args(["--keep-float", "conv_in", "*resnets*"]))
@@ -385,6 +405,14 @@ def test_summarise_rewrites_the_table_from_a_runs_json(tmp_path):
     assert {k: again[k] for k in run} == {**run, "config": again["config"]}
     assert again["config"] == json.loads(json.dumps(
         CompareConfig().to_dict()))
+    # a run from before full_batch_size existed trained full fine-tuning at batch_size
+    older = {**run, "config": {k: v for k, v in run["config"].items()
+                               if k != "full_batch_size"}}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    bench.main(["--summarise", str(tmp_path / "older.json"), "--json",
+                str(tmp_path / "older_again.json")])
+    assert json.loads((tmp_path / "older_again.json").read_text())["config"][
+        "full_batch_size"] == CompareConfig().batch_size
     (tmp_path / "bad.json").write_text('{"rows": []}')
     with pytest.raises(SystemExit, match=r"--summarise .*bad\.json: not a finished run's "
                                          r"JSON of this script \(KeyError"):
