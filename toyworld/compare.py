@@ -143,16 +143,10 @@ class CompareConfig:
     # (session 23) 3e-4 collapsed one fold (0.517) and 2e-4 gave 0.926, so 2e-4.
     steps: int = 120
     batch_size: int = 4
-    # full fine-tuning's batch under the fast recipe. Chosen on the validation prompts
-    # (session 25, all 8 subjects, seeds 0-2): batch 4 -> 8 lifted full fine-tuning
-    # 0.926 -> 0.945 (+0.020 [0.008, 0.032], 18 of 24 pairs, p = 0.004; checkered star
-    # 0.820 -> 0.852), TuneQDM N=4 W4 only 0.869 -> 0.879 (p = 0.16, not shown), and 60
-    # steps of 8 (the others' 480 samples) did not (star 0.74-0.80 at lr 2e-4 to 4e-4).
-    # So the reference trains on twice the samples of the other rows: TuneQDM is
-    # measured against a stronger full fine-tuning, never a weaker one. The table's
-    # memory column still trains every fast row at batch_size (memory_config). On the
-    # evaluation prompts, run after the choice, it is level: 0.908 against 0.910
-    # (p = 0.70), the checkered star 0.823 under both (docs/toyworld.md "Results").
+    # full fine-tuning's batch under the fast recipe: 8, chosen on the validation
+    # prompts (session 25: +0.020, p = 0.004; level on the evaluation prompts), so the
+    # reference sees twice the other rows' samples; memory_config measures it at
+    # batch_size (docs/toyworld.md "Full fine-tuning's batch").
     full_batch_size: int = 8
     rel_lr: float = 1e-2  # scale methods: lr_scale_out = rel_lr * mean(s0)
     lr_full: float = 2e-4
