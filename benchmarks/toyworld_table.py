@@ -214,6 +214,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--captioned", action=argparse.BooleanOptionalAction, default=None,
                         help="train on each image's own caption (its background and "
                              "position) instead of the instance prompt alone")
+    parser.add_argument("--invert-steps", type=int, default=None, metavar="N",
+                        help="learn each subject's token embedding for N steps before "
+                             "fine-tuning (toyworld/invert.py; default: CompareConfig's)")
+    parser.add_argument("--lr-invert", type=float, default=None)
     parser.add_argument("--rel-lr", type=float, default=None,
                         help="scale methods: lr_scale_out = rel_lr * mean(s0)")
     parser.add_argument("--prompts", choices=PROMPT_SETS, default="evaluation",
@@ -250,7 +254,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
                  "lr_lora": args.lr_lora, "rel_lr": args.rel_lr,
                  "guidance_scale": args.guidance_scale, "captioned": args.captioned,
                  "inference_steps": args.inference_steps,
-                 "timestep_sampling": args.timestep_sampling}
+                 "timestep_sampling": args.timestep_sampling,
+                 "invert_steps": args.invert_steps, "lr_invert": args.lr_invert}
     return replace(CompareConfig(), rounding=args.rounding, prompts=args.prompts,
                    keep_float=tuple(args.keep_float),
                    **{k: v for k, v in overrides.items() if v is not None})

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .evaluate import score_images
+from .invert import invert_token
 from .subjects import Subject, subject_contexts, tuning_contexts, validation_split
 from .world import caption
 
@@ -130,17 +131,10 @@ def paper_methods(bits: tuple[int, ...] = (8, 4, 3),
 class CompareConfig:
     """Fine-tuning and evaluation settings shared by every run."""
 
-    # Chosen on the tuning prompts (subjects.tuning_contexts), never the evaluation
-    # ones: all 8 subjects, seed 0 (docs/toyworld.md "Recipe"). Captions: full
-    # fine-tuning 0.778 -> 0.883, TuneQDM N=4 W4 0.732 -> 0.875 (guidance 4); rel_lr
-    # 5e-3, 1e-2, 2e-2 gave 0.841, 0.875, 0.822; lr_full 1e-4, 3e-4 0.876, 0.883; LoRA
-    # 1e-3, 3e-3, 1e-2 0.875, 0.883, 0.845; guidance 6, 4, 3, 2, 1.5 gave 0.821, 0.883,
-    # 0.924, 0.957, 0.959 (full) and 0.774, 0.875, 0.895, 0.908, 0.912 (TuneQDM).
-    # lr_full on the validation prompts (session 21, seeds 0-2): 2e-4, 3e-4, 4e-4, 7e-4
-    # gave 0.924, 0.919, 0.869, 0.791; the tuning prompts had 7e-4 level with 3e-4.
-    # rel_lr there (TuneQDM N=4 W4): 7e-3, 1e-2, 1.4e-2 gave 0.872, 0.862, 0.805
-    # (7e-3 vs 1e-2: p = 0.20, not a shown gain). On the base with a uniform stage 3
-    # (session 23) 3e-4 collapsed one fold (0.517) and 2e-4 gave 0.926, so 2e-4.
+    # Chosen on the tuning prompts (subjects.tuning_contexts) and, since session 21,
+    # the validation prompts, never the evaluation ones (docs/toyworld.md "Recipe" has
+    # every sweep: captions, rates, guidance; lr_full 2e-4 since the session-23 base,
+    # where 3e-4 collapsed one fold).
     steps: int = 120
     batch_size: int = 4
     # full fine-tuning's batch under the fast recipe: 8, chosen on the validation
@@ -158,9 +152,8 @@ class CompareConfig:
     paper_batch_size: int = 1
     # how the quantized rows round (tuneqdm.QuantConfig.rounding): "nearest", the
     # paper's min/max grid; "mse", a per-channel clipping search; "gptq", the same grid
-    # with integers chosen by GPTQ from the base's own training data
-    # (calibrate.py). Chosen on the tuning prompts: told the subject in words, the W4
-    # base draws it at 0.892 (nearest), 0.880 (mse), 0.932 (gptq); float 0.943.
+    # with integers chosen by GPTQ from the base's own training data (calibrate.py;
+    # chosen on the tuning prompts, docs/toyworld.md "4 bits")
     rounding: str = "gptq"
     # UNet layers the quantized rows leave in float (neither quantized nor trained), by
     # name or shell pattern: ("conv_in", "conv_out"), the first and last layers, which
@@ -177,22 +170,27 @@ class CompareConfig:
     # blue floor, top left") rather than the instance prompt alone
     captioned: bool = True
     # keep the quantized UNet's centred weights expanded in fp32 while it trains and
-    # generates (tuneqdm.inference.cache_expanded_weights): 6.3 MiB on the toy UNet,
-    # a quarter of a scale method's training time. Numbers move by float rounding only
-    # (the uncached fp32 kernels fold the zero point out); the table's
-    # peak-memory column is measured without it (the product's lean default).
+    # generates (tuneqdm.inference.cache_expanded_weights): 6.3 MiB, a quarter of a
+    # scale method's training time, numbers moved by float rounding only; the
+    # peak-memory column is measured without it (the product's lean default)
     cache_weights: bool = True
     # how training draws timesteps (tuneqdm.batches.sample_timesteps): "uniform" (the
     # paper's) or "stratified" (one t per stratum of [0, T), so a batch of 4 feeds each
-    # of N=4 experts at every step). Chosen on the tuning prompts (session 19), all 8
-    # subjects, uniform -> stratified: seed 0 full 0.957 -> 0.956, TuneQDM N=1 W4
-    # 0.925 -> 0.931, N=4 W4 0.918 -> 0.923; seed 1 N=1 0.932 -> 0.935, N=4 0.901 -> 0.919.
+    # of N=4 experts at every step; chosen on the tuning prompts, session 19)
     timestep_sampling: str = "stratified"
+    # > 0: before fine-tuning, learn the token's embedding for this many steps of
+    # batch_size at lr_invert, on the float base (invert.py; pivotal tuning). The
+    # subject then also carries that row: its numbers count in trainable and bytes.
+    invert_steps: int = 0
+    lr_invert: float = 5e-3
 
     def __post_init__(self) -> None:
         if self.prompts not in PROMPT_SETS:
             raise ValueError(f"CompareConfig.prompts={self.prompts!r}; allowed: "
                              f"{', '.join(PROMPT_SETS)}")
+        if self.invert_steps < 0:
+            raise ValueError(f"CompareConfig.invert_steps={self.invert_steps}; allowed: 0 "
+                             "(no inversion) or a positive number of steps")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,9 +205,11 @@ def load_base(path: str | Path):
     return pipe
 
 
-def with_unet(pipe, unet):
-    """A pipeline sharing `pipe`'s components except the UNet."""
-    tuned = type(pipe)(**{**pipe.components, "unet": unet}, requires_safety_checker=False)
+def with_unet(pipe, unet, text_encoder=None):
+    """A pipeline sharing `pipe`'s components except the UNet (and the text encoder,
+    when one is given)."""
+    parts = {"unet": unet, **({} if text_encoder is None else {"text_encoder": text_encoder})}
+    tuned = type(pipe)(**{**pipe.components, **parts}, requires_safety_checker=False)
     tuned.set_progress_bar_config(disable=True)
     return tuned
 
@@ -344,16 +344,14 @@ def personal_bytes(method: Method, unet: torch.nn.Module, result) -> int:
 
 
 def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig,
-        examples: Path = EXAMPLES, keep_images: bool = False) -> dict:
-    """Fine-tune (unless "none" or "words"), generate the subject's evaluation (or, with
-    config.prompts="tuning", tuning) prompts (told in words for "words"), score. With
-    config.prompts="validation", fold `seed` of subjects.validation_split: trained on
-    4 photos, scored on the left-out photo's background.
-
-    Returns a row: means over the images of subject fidelity (and its colour, shape
-    and pattern parts) and prompt fidelity (and background, position), plus trainable
-    numbers, per-subject bytes, training seconds and the loss before/after.
-    """
+        examples: Path = EXAMPLES, keep_images: bool = False,
+        prompts: list[str] | None = None) -> dict:
+    """Fine-tune (unless "none" or "words"; after inverting the token if
+    config.invert_steps), generate config.prompts' prompts (run_prompts; validation:
+    fold `seed`, trained without the left-out photo) or the `prompts` given, score.
+    Returns a row: means over the images of subject fidelity (colour, shape, pattern)
+    and prompt fidelity (background, position), trainable numbers, per-subject bytes,
+    training seconds (inversion included) and the loss before/after."""
     from tuneqdm.generate import generate
     from tuneqdm.train import finetune
 
@@ -369,12 +367,17 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
 
         cache_expanded_weights(unet)
     tuned = with_unet(pipe, unet)
-    result = None
+    result = inversion = None
     if method.name not in UNTUNED_METHODS:
         keep = validation_split(subject, fold=seed)[0] if config.prompts == "validation" else None
-        result = finetune(tuned, [training_subject(subject, examples, config.captioned, keep)],
-                          train_config(method, unet, config, seed))
-    prompts = run_prompts(method, subject, config.prompts, seed)
+        photos = training_subject(subject, examples, config.captioned, keep)
+        if config.invert_steps:
+            inversion = invert_token(pipe, photos, config.invert_steps, config.lr_invert,
+                                     config.batch_size, seed, config.timestep_sampling)
+            tuned = with_unet(pipe, unet, inversion.text_encoder)
+        result = finetune(tuned, [photos], train_config(method, unet, config, seed))
+    token_numbers = inversion.numbers if inversion is not None else 0
+    prompts = prompts or run_prompts(method, subject, config.prompts, seed)
     images = generate(tuned, prompts, None if result is None else result.scale_set,
                       seed=10_000 * seed, num_inference_steps=config.inference_steps,
                       guidance_scale=config.guidance_scale,
@@ -382,9 +385,10 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     asked = [p for p in prompts for _ in range(config.images_per_prompt)]
     row = {"method": method.key, "label": method.label, "subject": subject.subject_id,
            "seed": seed, **score_images(images, asked, subject),
-           "trainable": 0 if result is None else result.trainable_numbers,
-           "personal_bytes": personal_bytes(method, unet, result),
-           "train_s": 0.0 if result is None else result.seconds,
+           "trainable": token_numbers + (0 if result is None else result.trainable_numbers),
+           "personal_bytes": 4 * token_numbers + personal_bytes(method, unet, result),
+           "train_s": (0.0 if result is None else result.seconds)
+           + (0.0 if inversion is None else inversion.seconds),
            "loss_first": None if result is None else float(np.mean(result.losses[:10])),
            "loss_last": None if result is None else result.final_loss}
     if keep_images:

@@ -339,6 +339,10 @@ def test_table_options_set_the_recipe_and_the_prompts():
     assert (tuned.guidance_scale, tuned.steps, tuned.batch_size) == (3.0, 60, 2)
     assert tuned.full_batch_size == 16 and default.full_batch_size == 8
     assert tuned.inference_steps == 40
+    inverted = bench.config_from_args(bench.parse_args(["--invert-steps", "200",
+                                                        "--lr-invert", "1e-3"]))
+    assert (inverted.invert_steps, inverted.lr_invert) == (200, 1e-3)
+    assert default.invert_steps == 0
     assert default.keep_float == ()
     kept = bench.config_from_args(bench.parse_args(["--keep-float", "conv_in", "*resnets*"]))
     assert kept.keep_float == ("conv_in", "*resnets*")
