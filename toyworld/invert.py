@@ -63,7 +63,6 @@ def invert_token(pipe, subject, steps: int, lr: float, batch_size: int, seed: in
     MSE, AdamW (no weight decay) on the one row (D,) at `lr`. `pipe.text_encoder`'s
     weights are not touched (the copy is trained).
     """
-    from tuneqdm.batches import sample_timesteps
     from tuneqdm.data import prepare_data
 
     if steps <= 0:
@@ -92,18 +91,8 @@ def invert_token(pipe, subject, steps: int, lr: float, batch_size: int, seed: in
     losses, start = [], time.perf_counter()
     try:
         for _ in range(steps):
-            index = torch.randint(len(data.prompt_of), (batch_size,), generator=generator)
-            mean, std = data.latent_mean[index], data.latent_std[index]
-            latents = mean + std * torch.randn(mean.shape, generator=generator)
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = sample_timesteps(batch_size, scheduler.config.num_train_timesteps,
-                                         generator, timestep_sampling)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = (scheduler.get_velocity(latents, noise, timesteps)
-                      if scheduler.config.prediction_type == "v_prediction" else noise)
-            hidden = encoder(ids[data.prompt_of[index]])[0]  # (B, L, D)
-            loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=hidden).sample,
-                              target)
+            loss = _batch_loss(unet, scheduler, encoder, ids, data, batch_size, generator,
+                               timestep_sampling)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             weight.grad *= only_row
@@ -115,6 +104,25 @@ def invert_token(pipe, subject, steps: int, lr: float, batch_size: int, seed: in
             parameter.requires_grad_(flag)
     return Inversion(encoder, row, losses, norm_before, float(weight[row].norm()),
                      time.perf_counter() - start)
+
+
+def _batch_loss(unet, scheduler, encoder, ids: torch.Tensor, data, batch_size: int,
+                generator: torch.Generator, timestep_sampling: str) -> torch.Tensor:
+    """The denoising loss of `batch_size` photos drawn with replacement: latents from
+    their VAE posterior (B, 4, h, w), prompts `ids` (P, L) through `encoder`."""
+    from tuneqdm.batches import sample_timesteps
+
+    index = torch.randint(len(data.prompt_of), (batch_size,), generator=generator)
+    mean, std = data.latent_mean[index], data.latent_std[index]
+    latents = mean + std * torch.randn(mean.shape, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = sample_timesteps(batch_size, scheduler.config.num_train_timesteps,
+                                 generator, timestep_sampling)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = (scheduler.get_velocity(latents, noise, timesteps)
+              if scheduler.config.prediction_type == "v_prediction" else noise)
+    hidden = encoder(ids[data.prompt_of[index]])[0]  # (B, L, D)
+    return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=hidden).sample, target)
 
 
 __all__ = ["Inversion", "invert_token", "token_id"]
