@@ -21,12 +21,16 @@ import json
 import multiprocessing
 import os
 import shlex
-import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    ProcessPoolExecutor,
+    wait,
+)
 from dataclasses import replace
 from pathlib import Path
+from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,12 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks._common import (
     machine_info,
     markdown_table,
-    peak_rss_bytes,
-    release_free_memory,
-    reset_peak_rss,
-    rss_bytes,
     write_json,
 )
+from benchmarks._toyworld_memory import INVERSION, measure_memory
 from benchmarks._toyworld_summary import (
     CLAIM_COLUMNS,
     COLUMNS,
@@ -78,84 +79,64 @@ def _init_worker(base: str) -> None:
     _WORKER["pipe"] = load_base(base)
 
 
-def _run_job(key: str, subject_id: str, seed: int, config: dict, keep_images: bool) -> dict:
-    from toyworld.compare import run
+def _invert_job(subject_id: str, seed: int, config: dict) -> dict:
+    """The token inversion of (subject, seed) (compare.subject_inversion), as numbers."""
+    from toyworld.compare import subject_inversion
 
+    return subject_inversion(_WORKER["pipe"], get_subject(subject_id), seed,
+                             CompareConfig(**config)).to_record()
+
+
+def _run_job(key: str, subject_id: str, seed: int, config: dict, keep_images: bool,
+             inversion: dict | None = None) -> dict:
+    from toyworld.compare import run
+    from toyworld.invert import Inversion
+
+    pipe = _WORKER["pipe"]
     start = time.perf_counter()
-    row = run(_WORKER["pipe"], Method.from_key(key), get_subject(subject_id), seed,
-              CompareConfig(**config), keep_images=keep_images)
+    shared = None if inversion is None else Inversion.from_record(pipe.text_encoder, inversion)
+    row = run(pipe, Method.from_key(key), get_subject(subject_id), seed,
+              CompareConfig(**config), keep_images=keep_images, inversion=shared)
     row["wall_s"] = time.perf_counter() - start
     return row
 
 
 def run_grid(base: Path, methods: list[Method], subjects: list[str], seeds: list[int],
              config: CompareConfig, workers: int, grid_subjects: list[str]) -> list[dict]:
-    jobs = [(m.key, s, seed) for seed in seeds for m in methods for s in subjects]
-    rows = []
+    """Every (method, subject, seed) run, on `workers` processes. With
+    config.invert_steps, each (subject, seed)'s token inversion is learnt once, first,
+    and its fine-tuned runs start from it as soon as it is done (one inversion instead
+    of one per row: the same numbers, since it depends on no method)."""
+    trained = [m for m in methods if m.name not in UNTUNED_METHODS]
+    shared = bool(config.invert_steps and trained)
+    settings, rows, total = config.to_dict(), [], len(methods) * len(subjects) * len(seeds)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(str(base),)) as pool:
-        futures = {pool.submit(_run_job, key, subject, seed, config.to_dict(),
-                               seed == seeds[0] and subject in grid_subjects): (key, subject,
-                                                                                 seed)
-                   for key, subject, seed in jobs}
-        for done, future in enumerate(as_completed(futures), 1):
-            row = future.result()
-            rows.append(row)
-            print(f"[{done}/{len(jobs)}] {row['label']:<26} {row['subject']:<20} seed "
-                  f"{row['seed']}: subject {row['subject_fidelity']:.3f} prompt "
-                  f"{row['prompt_fidelity']:.3f} ({row['wall_s']:.1f} s)", flush=True)
+        def submit(method: Method, subject: str, seed: int, inversion: dict | None = None):
+            return pool.submit(_run_job, method.key, subject, seed, settings,
+                               seed == seeds[0] and subject in grid_subjects, inversion)
+
+        pending = {pool.submit(_invert_job, s, seed, settings): (s, seed)
+                   for seed in seeds for s in subjects if shared}
+        pending.update({submit(m, s, seed): None for seed in seeds for m in methods
+                        for s in subjects if not (shared and m in trained)})
+        while pending:
+            for future in wait(pending, return_when=FIRST_COMPLETED)[0]:
+                inverted = pending.pop(future)
+                if inverted is not None:
+                    record = future.result()
+                    pending.update({submit(m, *inverted, record): None for m in trained})
+                    print(f"inverted {inverted[0]} seed {inverted[1]}: loss "
+                          f"{fmean(record['losses'][:10]):.4f} -> "
+                          f"{fmean(record['losses'][-10:]):.4f} "
+                          f"({record['seconds']:.1f} s)", flush=True)
+                    continue
+                rows.append(row := future.result())
+                print(f"[{len(rows)}/{total}] {row['label']:<26} {row['subject']:<20} seed "
+                      f"{row['seed']}: subject {row['subject_fidelity']:.3f} prompt "
+                      f"{row['prompt_fidelity']:.3f} ({row['wall_s']:.1f} s)", flush=True)
     return rows
-
-
-# -- memory ---------------------------------------------------------------------------
-
-
-def memory_child(base: str, key: str, steps: int) -> dict:
-    """In a fresh process: peak RSS growth while fine-tuning `key` for `steps` steps."""
-    import gc
-
-    import torch
-
-    from toyworld.compare import (
-        load_base,
-        memory_config,
-        method_unet,
-        train_config,
-        training_subject,
-        with_unet,
-    )
-    from tuneqdm.train import finetune
-
-    torch.set_num_threads(1)
-    method = Method.from_key(key)
-    pipe = load_base(base)
-    unet = method_unet(pipe.unet, method)
-    tuned = with_unet(pipe, unet)
-    pipe.unet = None
-    subject = training_subject(SUBJECTS[0])
-    config = memory_config(CompareConfig())
-    finetune(tuned, [subject], replace(train_config(method, unet, config, 0), steps=2))
-    gc.collect()
-    release_free_memory()
-    before = rss_bytes()
-    reset_peak_rss()
-    finetune(tuned, [subject], replace(train_config(method, unet, config, 0), steps=steps))
-    return {"method": key, "peak_train_bytes": peak_rss_bytes() - before,
-            "model_bytes": sum(t.numel() * t.element_size()
-                               for t in [*unet.parameters(), *unet.buffers()])}
-
-
-def measure_memory(base: Path, methods: list[Method], steps: int) -> dict[str, dict]:
-    def one(method: Method) -> dict:
-        command = [sys.executable, __file__, "--memory-child", method.key, "--base", str(base),
-                   "--memory-steps", str(steps)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    trained = [m for m in methods if m.name not in UNTUNED_METHODS]
-    with ThreadPoolExecutor(2) as pool:
-        return {r["method"]: r for r in pool.map(one, trained)}
 
 
 # -- tables and grid ------------------------------------------------------------------
@@ -243,7 +224,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--summarise", type=Path, default=None, metavar="JSON",
                         help="run nothing: write --markdown (and --json) again from a "
                              "finished run's JSON, e.g. after a change to the statistics")
-    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -263,9 +243,6 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.memory_child:
-        print(json.dumps(memory_child(str(args.base), args.memory_child, args.memory_steps)))
-        return
     if args.summarise:
         write_outputs(args, **load_run(args.summarise))
         return
@@ -282,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_grid(args.base, methods, args.subjects, args.seeds, config, args.workers,
                     grid_subjects=args.subjects)
     grid_s = time.perf_counter() - start
-    memory = {} if args.no_memory else measure_memory(args.base, methods, args.memory_steps)
+    memory = {} if args.no_memory else measure_memory(args.base, methods, args.memory_steps,
+                                                      config.invert_steps > 0)
     if args.grid and config.prompts == "evaluation":
         write_grid(args.grid, rows, methods, args.subjects)
     command = shlex.join(["python", "benchmarks/toyworld_table.py", *(argv or sys.argv[1:])])
@@ -296,8 +274,10 @@ def load_run(path: Path) -> dict:
     """write_outputs' arguments from a finished run's JSON (--summarise)."""
     try:
         run = json.loads(path.read_text())
-        # runs before session 25 trained full fine-tuning at the common batch
-        saved = {"full_batch_size": run["config"]["batch_size"], **run["config"]}
+        # runs before session 25 trained full fine-tuning at the common batch, runs
+        # before session 27 inverted no token
+        saved = {"full_batch_size": run["config"]["batch_size"], "invert_steps": 0,
+                 **run["config"]}
         config = CompareConfig(**{**saved, "keep_float": tuple(saved["keep_float"])})
         return {"rows": run["rows"], "methods": [Method.from_key(k) for k in run["methods"]],
                 "memory": run["memory"], "config": config, "seeds": run["seeds"],
@@ -323,6 +303,22 @@ def subject_tables(rows: list[dict], methods: list[Method], subjects: list[str])
     return text
 
 
+def inversion_note(rows: list[dict], memory: dict, config: CompareConfig) -> str:
+    """A line under the table on the token inversion the fine-tuned rows start from
+    (empty without one)."""
+    seconds = [r["invert_s"] for r in rows if r.get("invert_s")]
+    if not config.invert_steps or not seconds:
+        return ""
+    peak = memory.get(INVERSION, {}).get("peak_train_bytes")
+    peak_text = "" if peak is None else f", peak {peak / 2**20:.1f} MiB"
+    return (f"\n\nEvery fine-tuned row starts from its subject's token inversion "
+            f"(toyworld/invert.py): {config.invert_steps} steps of "
+            f"{config.batch_size} at {config.lr_invert:g} on the float base, learnt once "
+            f"per (subject, seed) and shared by the rows; {fmean(seconds):.1f} s each"
+            f"{peak_text}. Its seconds are in each fine-tuned row's train s, its row of "
+            f"the text encoder's embedding in trainable numbers and bytes.")
+
+
 def write_outputs(args: argparse.Namespace, rows: list[dict], methods: list[Method],
                   memory: dict, config: CompareConfig, command: str, seeds: list[int],
                   subjects: list[str], seconds: dict, machine: dict) -> None:
@@ -333,6 +329,7 @@ def write_outputs(args: argparse.Namespace, rows: list[dict], methods: list[Meth
               else "(none: the rows run do not pair up into any of them)")
     total_s = seconds["total"]
     by_subject = subject_tables(rows, methods, subjects)
+    table += inversion_note(rows, memory, config)
     print(table, claims, by_subject, sep="\n\n")
     print(f"{len(rows)} runs in {seconds['runs']:.0f} s; total {total_s:.0f} s")
     if args.markdown:

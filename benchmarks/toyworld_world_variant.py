@@ -79,10 +79,13 @@ def compare(argv: list[str]) -> int:
     parser.add_argument("--subjects", nargs="+", default=[s.subject_id for s in SUBJECTS])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=CompareConfig().steps)
+    parser.add_argument("--invert-steps", type=int, default=0,
+                        help="token inversion before fine-tuning (default 0: the runs "
+                             "docs/toyworld_history.md records inverted none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    config = replace(CompareConfig(), steps=args.steps)
+    config = replace(CompareConfig(), steps=args.steps, invert_steps=args.invert_steps)
     torch.set_num_threads(args.threads)
     pipe, rows = load_base(args.base), []
     with tempfile.TemporaryDirectory() as examples:

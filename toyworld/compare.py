@@ -23,14 +23,13 @@ use one relative learning rate: lr_scale_out = rel_lr * mean(s0), so every bit w
 takes the same relative steps (s0 grows ~2x per bit removed); s_in gets the library's
 default, the same relative step.
 
-`benchmarks/toyworld_table.py` runs the grid in parallel and writes the table.
+The rows (`Method`, `paper_methods`) and their UNets live in toyworld/methods.py and
+are re-exported here. `benchmarks/toyworld_table.py` runs the grid in parallel and
+writes the table.
 """
 
 from __future__ import annotations
 
-import copy
-import fnmatch
-import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,92 +38,22 @@ import torch
 
 from .evaluate import score_images
 from .invert import invert_token
+from .methods import (
+    FLOAT_METHODS,
+    RECIPES,
+    SCALE_METHODS,
+    UNTUNED_METHODS,
+    Method,
+    cached_method_unet,
+    method_unet,
+    paper_methods,
+)
 from .subjects import Subject, subject_contexts, tuning_contexts, validation_split
 from .world import caption
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-SCALE_METHODS = ("peqa", "tuneqdm")
-FLOAT_METHODS = ("full", "lora")
-UNTUNED_METHODS = ("none", "words")  # nothing trained
-
-
-RECIPES = ("fast", "paper")
 PROMPT_SETS = ("evaluation", "tuning", "validation")
-
-
-@dataclass(frozen=True)
-class Method:
-    """name: "none", "words", "full", "lora", "peqa" or "tuneqdm"; bits None = float
-    UNet. "words" is the untuned base (float, or quantized at `bits` with its s0
-    scales) prompted with the subject in words.
-
-    recipe: "fast" (CompareConfig.steps x batch_size, the base's recipe; full
-    fine-tuning x full_batch_size) or "paper" (the paper's 400 steps of batch 1,
-    CompareConfig.paper_steps x paper_batch_size, for every method).
-    """
-
-    name: str
-    bits: int | None = None
-    num_experts: int = 1
-    recipe: str = "fast"
-
-    def __post_init__(self) -> None:
-        allowed = (*UNTUNED_METHODS, *FLOAT_METHODS, *SCALE_METHODS)
-        if self.name not in allowed:
-            raise ValueError(f"Method.name={self.name!r}; allowed: {', '.join(allowed)}")
-        if self.name in SCALE_METHODS and self.bits is None:
-            raise ValueError(f"method {self.name!r} needs bits")
-        if self.name in FLOAT_METHODS and self.bits is not None:
-            raise ValueError(f"method {self.name!r} trains a float UNet: bits must be None")
-        if self.recipe not in RECIPES or (self.name in UNTUNED_METHODS and self.recipe != "fast"):
-            raise ValueError(f"Method.recipe={self.recipe!r}; allowed: {', '.join(RECIPES)} "
-                             "(fast only for no fine-tuning)")
-
-    @property
-    def label(self) -> str:
-        return self._name_label + (" (paper: 400 x 1)" if self.recipe == "paper" else "")
-
-    @property
-    def _name_label(self) -> str:
-        if self.name == "none":
-            return "no fine-tuning" + ("" if self.bits is None else f" (W{self.bits})")
-        if self.name == "words":
-            return "no fine-tuning, subject in words" + ("" if self.bits is None
-                                                         else f" (W{self.bits})")
-        if self.name == "full":
-            return "full-precision DreamBooth"
-        if self.name == "lora":
-            return "LoRA r=4"
-        if self.name == "peqa":
-            return f"PEQA W{self.bits}"
-        return f"TuneQDM N={self.num_experts} W{self.bits}"
-
-    @property
-    def key(self) -> str:
-        bits = "fp32" if self.bits is None else f"w{self.bits}"
-        recipe = "" if self.recipe == "fast" else f"-{self.recipe}"
-        return f"{self.name}-n{self.num_experts}-{bits}{recipe}"
-
-    @classmethod
-    def from_key(cls, key: str) -> Method:
-        name, experts, bits, *recipe = key.split("-")
-        return cls(name, None if bits == "fp32" else int(bits[1:]), int(experts[1:]),
-                   *recipe)
-
-
-def paper_methods(bits: tuple[int, ...] = (8, 4, 3),
-                  experts: tuple[int, ...] = (1, 4)) -> list[Method]:
-    """The table's rows, in order: no fine-tuning (float; told the subject in words,
-    float and at each bit width), the fast recipe, then the paper's recipe (400 steps
-    of batch 1) for full fine-tuning and TuneQDM at 4 bits with the most experts."""
-    rows = [Method("none"), Method("words"), *(Method("words", b) for b in bits),
-            Method("full"), Method("lora")]
-    for b in bits:
-        rows.append(Method("peqa", b))
-        rows += [Method("tuneqdm", b, n) for n in experts]
-    return [*rows, Method("full", recipe="paper"),
-            Method("tuneqdm", 4, max(experts), recipe="paper")]
 
 
 @dataclass(frozen=True)
@@ -181,7 +110,9 @@ class CompareConfig:
     # > 0: before fine-tuning, learn the token's embedding for this many steps of
     # batch_size at lr_invert, on the float base (invert.py; pivotal tuning). The
     # subject then also carries that row: its numbers count in trainable and bytes.
-    invert_steps: int = 0
+    # 200 at 5e-3, chosen on the validation prompts (session 26: full fine-tuning
+    # +0.012, p = 0.004; TuneQDM N=4 W4 +0.047, p = 0.008; docs/toyworld.md).
+    invert_steps: int = 200
     lr_invert: float = 5e-3
 
     def __post_init__(self) -> None:
@@ -212,66 +143,6 @@ def with_unet(pipe, unet, text_encoder=None):
     tuned = type(pipe)(**{**pipe.components, **parts}, requires_safety_checker=False)
     tuned.set_progress_bar_config(disable=True)
     return tuned
-
-
-def method_unet(float_unet: torch.nn.Module, method: Method, rounding: str = "nearest",
-                keep_float: tuple[str, ...] = (), hessians: dict | None = None
-                ) -> torch.nn.Module:
-    """A fresh UNet for `method`: a copy of the float one, quantized where it says
-    (`rounding`: tuneqdm.QuantConfig.rounding; "gptq" needs `hessians`, from
-    calibrate.calibration_hessians), except the layers `keep_float` names (names or
-    fnmatch patterns), which stay float and frozen."""
-    from tuneqdm import QuantConfig, quantize_
-
-    layers = [n for n, m in float_unet.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    unknown = [p for p in keep_float if not any(fnmatch.fnmatchcase(n, p) for n in layers)]
-    if unknown:
-        raise ValueError(f"keep_float: {unknown} match no Linear/Conv2d layer of the UNet; "
-                         f"allowed: layer names ({', '.join(layers[:3])}, ... "
-                         f"{len(layers)} layers) or shell patterns of them")
-    unet = copy.deepcopy(float_unet)
-    if method.bits is None:
-        return unet
-    kind, experts = _quantized_as(method)
-    return quantize_(unet, QuantConfig(bits=method.bits, method=kind, num_experts=experts,
-                                       rounding=rounding),
-                     filter_fn=lambda layer, name: not any(fnmatch.fnmatchcase(name, p)
-                                                           for p in keep_float),
-                     hessians=hessians)
-
-
-def _quantized_as(method: Method) -> tuple[str, int]:
-    """(QuantConfig.method, num_experts) of a quantized row: the untuned rows carry
-    PEQA's s0 scales, one expert."""
-    if method.name in ("peqa", *UNTUNED_METHODS):
-        return "peqa", 1
-    return "tuneqdm", method.num_experts
-
-
-_QUANTIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def cached_method_unet(float_unet: torch.nn.Module, method: Method, rounding: str = "nearest",
-                       keep_float: tuple[str, ...] = (), hessians: dict | None = None
-                       ) -> torch.nn.Module:
-    """method_unet's UNet, quantized once per process and copied for every call.
-
-    A run must start from the untouched quantized base, and quantizing that base is
-    the same work every time: GPTQ takes 2.75 s of a run on one thread, a copy 0.07 s
-    (docs/benchmarks.md). The quantized UNet is kept per float UNet object and per (bits, method,
-    experts, rounding, keep_float); copies are bit-identical to a fresh quantization
-    (tests/toyworld/test_compare.py). Like calibrate.calibration_hessians' cache, this
-    assumes the float UNet's weights do not change in place, and that `hessians` are
-    always those of calibration_hessians(pipe) for that UNet.
-    """
-    if method.bits is None:
-        return method_unet(float_unet, method, rounding, keep_float, hessians)
-    key = (method.bits, *_quantized_as(method), rounding, tuple(keep_float))
-    per_unet = _QUANTIZED.setdefault(float_unet, {})
-    if key not in per_unet:
-        per_unet[key] = method_unet(float_unet, method, rounding, keep_float, hessians)
-    return copy.deepcopy(per_unet[key])
 
 
 def training_subject(subject: Subject, examples: Path = EXAMPLES, captioned: bool = True,
@@ -343,18 +214,43 @@ def personal_bytes(method: Method, unet: torch.nn.Module, result) -> int:
     return 4 * sum(p.numel() for p in unet.parameters())
 
 
+def subject_inversion(pipe, subject: Subject, seed: int, config: CompareConfig,
+                      examples: Path = EXAMPLES):
+    """The token inversion (invert.Inversion) a fine-tuned run of (subject, seed)
+    starts from, or None when config.invert_steps is 0. It depends on no method (the
+    float base, the run's photos, `seed`), so a grid learns it once per (subject, seed)
+    and hands it to every fine-tuned row (benchmarks/toyworld_table.py)."""
+    if not config.invert_steps:
+        return None
+    return invert_token(pipe, _run_photos(subject, seed, config, examples),
+                        config.invert_steps, config.lr_invert, config.batch_size, seed,
+                        config.timestep_sampling)
+
+
+def _run_photos(subject: Subject, seed: int, config: CompareConfig, examples: Path):
+    """The photos a run trains on: all, or on validation prompts all but fold `seed`'s."""
+    keep = validation_split(subject, fold=seed)[0] if config.prompts == "validation" else None
+    return training_subject(subject, examples, config.captioned, keep)
+
+
 def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig,
         examples: Path = EXAMPLES, keep_images: bool = False,
-        prompts: list[str] | None = None) -> dict:
-    """Fine-tune (unless "none" or "words"; after inverting the token if
-    config.invert_steps), generate config.prompts' prompts (run_prompts; validation:
-    fold `seed`, trained without the left-out photo) or the `prompts` given, score.
-    Returns a row: means over the images of subject fidelity (colour, shape, pattern)
-    and prompt fidelity (background, position), trainable numbers, per-subject bytes,
-    training seconds (inversion included) and the loss before/after."""
+        prompts: list[str] | None = None, inversion=None) -> dict:
+    """Fine-tune (unless "none" or "words"; from the token's `inversion`, or one
+    learnt here, if config.invert_steps), generate config.prompts' prompts
+    (run_prompts; validation: fold `seed`, trained without the left-out photo) or the
+    `prompts` given, score. Returns a row: means over the images of subject fidelity
+    (colour, shape, pattern) and prompt fidelity (background, position), trainable
+    numbers, per-subject bytes, training seconds (inversion included; its own too)
+    and the loss before/after."""
     from tuneqdm.generate import generate
     from tuneqdm.train import finetune
 
+    trains = method.name not in UNTUNED_METHODS
+    if inversion is not None and not (trains and config.invert_steps):
+        raise ValueError(f"an inversion was given to a run of {method.key} with "
+                         f"invert_steps={config.invert_steps}; allowed: only fine-tuned "
+                         "methods, with invert_steps > 0")
     hessians = None
     if config.rounding == "gptq" and method.bits is not None:
         from .calibrate import calibration_hessians
@@ -367,15 +263,13 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
 
         cache_expanded_weights(unet)
     tuned = with_unet(pipe, unet)
-    result = inversion = None
-    if method.name not in UNTUNED_METHODS:
-        keep = validation_split(subject, fold=seed)[0] if config.prompts == "validation" else None
-        photos = training_subject(subject, examples, config.captioned, keep)
-        if config.invert_steps:
-            inversion = invert_token(pipe, photos, config.invert_steps, config.lr_invert,
-                                     config.batch_size, seed, config.timestep_sampling)
+    result = None
+    if trains:
+        inversion = inversion or subject_inversion(pipe, subject, seed, config, examples)
+        if inversion is not None:
             tuned = with_unet(pipe, unet, inversion.text_encoder)
-        result = finetune(tuned, [photos], train_config(method, unet, config, seed))
+        result = finetune(tuned, [_run_photos(subject, seed, config, examples)],
+                          train_config(method, unet, config, seed))
     token_numbers = inversion.numbers if inversion is not None else 0
     prompts = prompts or run_prompts(method, subject, config.prompts, seed)
     images = generate(tuned, prompts, None if result is None else result.scale_set,
@@ -387,6 +281,7 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
            "seed": seed, **score_images(images, asked, subject),
            "trainable": token_numbers + (0 if result is None else result.trainable_numbers),
            "personal_bytes": 4 * token_numbers + personal_bytes(method, unet, result),
+           "invert_s": 0.0 if inversion is None else inversion.seconds,
            "train_s": (0.0 if result is None else result.seconds)
            + (0.0 if inversion is None else inversion.seconds),
            "loss_first": None if result is None else float(np.mean(result.losses[:10])),
@@ -396,5 +291,6 @@ def run(pipe, method: Method, subject: Subject, seed: int, config: CompareConfig
     return row
 
 
-__all__ = ["UNTUNED_METHODS", "CompareConfig", "Method", "cached_method_unet", "load_base",
-           "memory_config", "method_unet", "paper_methods", "run"]
+__all__ = ["FLOAT_METHODS", "RECIPES", "SCALE_METHODS", "UNTUNED_METHODS", "CompareConfig",
+           "Method", "cached_method_unet", "load_base", "memory_config", "method_unet",
+           "paper_methods", "run", "subject_inversion"]

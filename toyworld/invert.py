@@ -41,6 +41,29 @@ class Inversion:
         """Trained numbers: the row's D."""
         return self.text_encoder.get_input_embeddings().weight.shape[1]
 
+    def to_record(self) -> dict:
+        """Plain numbers (picklable, JSON-able): the learnt row (D,) as a list, and
+        the rest; `from_record` rebuilds the inversion from them on any process."""
+        row = self.text_encoder.get_input_embeddings().weight[self.token_id]
+        return {"token_id": self.token_id, "row": row.tolist(), "losses": self.losses,
+                "norm_before": self.norm_before, "norm_after": self.norm_after,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_record(cls, text_encoder: torch.nn.Module, record: dict) -> Inversion:
+        """The inversion `record` (to_record) describes, on a copy of `text_encoder`
+        (the base's, which is not changed) whose row `record["token_id"]` is set."""
+        encoder = copy.deepcopy(text_encoder).requires_grad_(False)
+        weight = encoder.get_input_embeddings().weight  # (vocab, D)
+        row = torch.tensor(record["row"], dtype=weight.dtype)
+        if row.shape != weight.shape[1:]:
+            raise ValueError(f"inversion record's row has shape {tuple(row.shape)}; the "
+                             f"text encoder's rows have {tuple(weight.shape[1:])}")
+        with torch.no_grad():
+            weight[record["token_id"]] = row
+        return cls(encoder, record["token_id"], list(record["losses"]),
+                   record["norm_before"], record["norm_after"], record["seconds"])
+
 
 def token_id(tokenizer, token: str) -> int:
     """The single tokenizer id of `token`; ValueError if it is several tokens."""

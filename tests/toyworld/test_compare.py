@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -339,10 +342,10 @@ def test_table_options_set_the_recipe_and_the_prompts():
     assert (tuned.guidance_scale, tuned.steps, tuned.batch_size) == (3.0, 60, 2)
     assert tuned.full_batch_size == 16 and default.full_batch_size == 8
     assert tuned.inference_steps == 40
-    inverted = bench.config_from_args(bench.parse_args(["--invert-steps", "200",
+    inverted = bench.config_from_args(bench.parse_args(["--invert-steps", "50",
                                                         "--lr-invert", "1e-3"]))
-    assert (inverted.invert_steps, inverted.lr_invert) == (200, 1e-3)
-    assert default.invert_steps == 0
+    assert (inverted.invert_steps, inverted.lr_invert) == (50, 1e-3)
+    assert default.invert_steps == 200
     assert default.keep_float == ()
     kept = bench.config_from_args(bench.parse_args(["--keep-float", "conv_in", "*resnets*"]))
     assert kept.keep_float == ("conv_in", "*resnets*")
@@ -409,15 +412,44 @@ def test_summarise_rewrites_the_table_from_a_runs_json(tmp_path):
     assert {k: again[k] for k in run} == {**run, "config": again["config"]}
     assert again["config"] == json.loads(json.dumps(
         CompareConfig().to_dict()))
-    # a run from before full_batch_size existed trained full fine-tuning at batch_size
+    # a run from before full_batch_size existed trained full fine-tuning at batch_size,
+    # and one from before invert_steps existed inverted no token
     older = {**run, "config": {k: v for k, v in run["config"].items()
-                               if k != "full_batch_size"}}
+                               if k not in ("full_batch_size", "invert_steps")}}
     (tmp_path / "older.json").write_text(json.dumps(older))
     bench.main(["--summarise", str(tmp_path / "older.json"), "--json",
                 str(tmp_path / "older_again.json")])
-    assert json.loads((tmp_path / "older_again.json").read_text())["config"][
-        "full_batch_size"] == CompareConfig().batch_size
+    older_config = json.loads((tmp_path / "older_again.json").read_text())["config"]
+    assert older_config["full_batch_size"] == CompareConfig().batch_size
+    assert older_config["invert_steps"] == 0  # and it inverted no token
     (tmp_path / "bad.json").write_text('{"rows": []}')
     with pytest.raises(SystemExit, match=r"--summarise .*bad\.json: not a finished run's "
                                          r"JSON of this script \(KeyError"):
         bench.main(["--summarise", str(tmp_path / "bad.json")])
+
+
+def test_the_grid_inverts_each_subject_and_seed_once_for_all_fine_tuned_rows(tmp_path):
+    """The table on two worker processes: one inversion per (subject, seed), whose
+    seconds every fine-tuned row of that pair carries; the untuned rows invert nothing."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "toyworld_table.py"), "--methods",
+         "words-n1-fp32", "full-n1-fp32", "lora-n1-fp32", "--subjects", "striped-circle",
+         "--seeds", "0", "1", "--steps", "2", "--batch-size", "2", "--full-batch-size", "2",
+         "--invert-steps", "2", "--inference-steps", "2", "--prompts", "validation",
+         "--no-memory", "--json", str(tmp_path / "run.json")],
+        capture_output=True, text=True, check=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    inverted = [line.split(":")[0] for line in out.stdout.splitlines()
+                if line.startswith("inverted ")]
+    assert sorted(inverted) == ["inverted striped-circle seed 0",
+                                "inverted striped-circle seed 1"]
+    rows = json.loads((tmp_path / "run.json").read_text())["rows"]
+    assert sorted((r["method"], r["seed"]) for r in rows) == sorted(
+        (key, seed) for key in ("words-n1-fp32", "full-n1-fp32", "lora-n1-fp32")
+        for seed in (0, 1))
+    for seed in (0, 1):
+        tuned = [r for r in rows if r["seed"] == seed and r["method"] != "words-n1-fp32"]
+        assert len({r["invert_s"] for r in tuned}) == 1 and tuned[0]["invert_s"] > 0
+        assert all(r["train_s"] > r["invert_s"] for r in tuned)
+    assert all(r["invert_s"] == 0 for r in rows if r["method"] == "words-n1-fp32")
+    assert "Every fine-tuned row starts from its subject's token inversion" in out.stdout

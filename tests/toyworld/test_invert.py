@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from toyworld.compare import CompareConfig, Method, load_base, run, training_subject, with_unet
-from toyworld.invert import invert_token, token_id
+from toyworld.compare import (
+    CompareConfig,
+    Method,
+    load_base,
+    run,
+    subject_inversion,
+    training_subject,
+    with_unet,
+)
+from toyworld.invert import Inversion, invert_token, token_id
 from toyworld.subjects import get_subject
 from tuneqdm.data import prepare_data
 from tuneqdm.train import evaluation_loss
@@ -77,3 +86,41 @@ def test_a_run_with_inversion_leaves_the_shared_base_as_it_was(pipe):
     row = run(pipe, Method("full"), get_subject("striped-circle"), 0, config)
     assert 0.0 <= row["subject_fidelity"] <= 1.0
     assert all(torch.equal(v, base_encoder[k]) for k, v in pipe.text_encoder.state_dict().items())
+
+
+def test_a_shared_inversion_gives_the_run_it_would_have_learnt(pipe):
+    """The table learns each (subject, seed)'s inversion once, in one process, and hands
+    its record to every fine-tuned row in others: the record rebuilds it bit for bit,
+    and a run given it is the run that inverts for itself, number for number."""
+    subject = get_subject("striped-circle")
+    config = CompareConfig(images_per_prompt=1, steps=3, batch_size=2, invert_steps=3,
+                           inference_steps=4, prompts="validation")
+    inversion = subject_inversion(pipe, subject, 1, config)
+    record = json.loads(json.dumps(inversion.to_record()))
+    again = Inversion.from_record(pipe.text_encoder, record)
+    learnt = inversion.text_encoder.state_dict()
+    assert all(torch.equal(v, learnt[k]) for k, v in again.text_encoder.state_dict().items())
+    assert (again.token_id, again.losses, again.seconds) == (
+        inversion.token_id, inversion.losses, inversion.seconds)
+    own = run(pipe, Method("lora"), subject, 1, config)
+    shared = run(pipe, Method("lora"), subject, 1, config, inversion=again)
+    timings = ("train_s", "invert_s")
+    assert {k: v for k, v in shared.items() if k not in timings} == {
+        k: v for k, v in own.items() if k not in timings}
+    assert shared["invert_s"] == inversion.seconds > 0
+    assert own["trainable"] == 28_672 + 64  # LoRA r=4 and the token's row
+
+
+def test_runs_refuse_an_inversion_they_cannot_use(pipe):
+    subject = get_subject("striped-circle")
+    config = CompareConfig(images_per_prompt=1, steps=2, batch_size=2, invert_steps=2)
+    inversion = subject_inversion(pipe, subject, 0, config)
+    with pytest.raises(ValueError, match="an inversion was given to a run of words-n1-fp32"):
+        run(pipe, Method("words"), subject, 0, config, inversion=inversion)
+    with pytest.raises(ValueError, match="invert_steps=0; allowed: only fine-tuned"):
+        run(pipe, Method("lora"), subject, 0, CompareConfig(invert_steps=0),
+            inversion=inversion)
+    assert subject_inversion(pipe, subject, 0, CompareConfig(invert_steps=0)) is None
+    record = {**inversion.to_record(), "row": [0.0] * 3}
+    with pytest.raises(ValueError, match=r"row has shape \(3,\); the text encoder's rows have"):
+        Inversion.from_record(pipe.text_encoder, record)
