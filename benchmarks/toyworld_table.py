@@ -174,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE)
     parser.add_argument("--quick", action="store_true",
-                        help="2 subjects, 1 seed, 5 methods at 4 bits (about 2 min)")
+                        help="2 subjects, 1 seed, 5 methods at 4 bits (about 4 min)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--subjects", nargs="+", default=[s.subject_id for s in SUBJECTS],
                         help="default: all 8")
