@@ -179,9 +179,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subjects", nargs="+", default=[s.subject_id for s in SUBJECTS],
                         help="default: all 8")
     parser.add_argument("--methods", nargs="+", default=None, metavar="KEY",
-                        choices=[m.key for m in [*paper_methods(), *EXTRA_METHODS]],
-                        help="rows to run, by key (default: all; e.g. none-n1-fp32 "
-                             "full-n1-fp32 peqa-n1-w4 tuneqdm-n4-w4)")
+                        choices=[m.key for m in [*paper_methods(extended=True),
+                                                 *EXTRA_METHODS]],
+                        help="rows to run, by key (default: the table's; e.g. "
+                             "none-n1-fp32 full-n1-fp32 peqa-n1-w4 tuneqdm-n4-w4)")
+    parser.add_argument("--extended", action="store_true",
+                        help="also the quantized bases told in words and full fine-tuning "
+                             "under the paper's recipe (the 18 rows of sessions 17-27; "
+                             "about 10 min more)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--full-batch-size", type=int, default=None,
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.base / "model_index.json").is_file():
         raise SystemExit(f"--base {args.base}: no pipeline there (train it with "
                          "bash scripts/train_toyworld_base.sh)")
-    methods = paper_methods()
+    methods = paper_methods(extended=args.extended)
     if args.quick:
         methods, args.seeds, args.subjects = QUICK_METHODS, [0], args.subjects[:2]
     if args.methods:

@@ -39,17 +39,24 @@ def pipe():
 def test_paper_methods_are_the_tables_rows():
     methods = paper_methods()
     labels = [m.label for m in methods]
-    assert labels[:7] == ["no fine-tuning", "no fine-tuning, subject in words",
-                          "no fine-tuning, subject in words (W8)",
-                          "no fine-tuning, subject in words (W4)",
-                          "no fine-tuning, subject in words (W3)",
+    assert labels[:4] == ["no fine-tuning", "no fine-tuning, subject in words",
                           "full-precision DreamBooth", "LoRA r=4"]
-    assert labels[7:10] == ["PEQA W8", "TuneQDM N=1 W8", "TuneQDM N=4 W8"]
-    assert labels[-2:] == ["full-precision DreamBooth (paper: 400 x 1)",
-                           "TuneQDM N=4 W4 (paper: 400 x 1)"]
-    assert len(methods) == 7 + 3 * 3 + 2
+    assert labels[4:7] == ["PEQA W8", "TuneQDM N=1 W8", "TuneQDM N=4 W8"]
+    assert labels[-1] == "TuneQDM N=4 W4 (paper: 400 x 1)"
+    assert len(methods) == 4 + 3 * 3 + 1
     assert all(Method.from_key(m.key) == m for m in methods)
     assert Method.from_key("tuneqdm-n4-w4-paper") == Method("tuneqdm", 4, 4, "paper")
+
+
+def test_the_extended_table_adds_the_quantized_words_and_full_fine_tuning_400_x_1():
+    extended = paper_methods(extended=True)
+    added = [m for m in extended if m not in paper_methods()]
+    assert [m.label for m in added] == ["no fine-tuning, subject in words (W8)",
+                                        "no fine-tuning, subject in words (W4)",
+                                        "no fine-tuning, subject in words (W3)",
+                                        "full-precision DreamBooth (paper: 400 x 1)"]
+    assert [m for m in extended if m in paper_methods()] == paper_methods()
+    assert extended[-2:] == [Method("full", recipe="paper"), Method("tuneqdm", 4, 4, "paper")]
 
 
 def test_the_paper_recipe_trains_400_steps_of_batch_1(pipe):
@@ -381,6 +388,11 @@ def test_methods_flag_picks_table_rows_by_key():
     # the quantized base prompted with the token: not a default row, still runnable
     assert bench.parse_args(["--methods", "none-n1-w4"]).methods == ["none-n1-w4"]
     assert "none-n1-w4" not in [m.key for m in paper_methods()]
+    # the extended table's rows, one by one or all with --extended
+    assert bench.parse_args(["--methods", "full-n1-fp32-paper"]).methods == [
+        "full-n1-fp32-paper"]
+    assert bench.parse_args(["--extended"]).extended
+    assert not bench.parse_args([]).extended
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "tuneqdm-n4-w5"])
 
