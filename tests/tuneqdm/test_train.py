@@ -244,3 +244,27 @@ def test_8bit_adam_trains_the_full_reference(tiny_pipeline_dir, dog):
     config = TrainConfig(**{**FAST, "method": "full", "lr": 1e-3, "optimizer": "adamw8bit"})
     result = finetune(pipe, [dog], config)
     assert result.final_loss < result.losses[0]
+
+
+def test_multi_tensor_optimiser_trains_bit_equal_to_per_tensor(tiny_base_dir, dog, monkeypatch):
+    """The loop's AdamW and clipping run foreach on the CPU (faster, benchmarks/
+    optimizer_step.py): the run must be bit-equal to torch's per-tensor CPU default."""
+    def run():
+        pipe = load_quantized_pipeline(tiny_base_dir)
+        return finetune(pipe, [dog], TrainConfig(**{**FAST, "steps": 8}))
+
+    fast = run()
+    adamw, clip = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def per_tensor_adamw(groups, **options):
+        seen.append(options.pop("foreach"))
+        return adamw(groups, **options, foreach=False)
+
+    monkeypatch.setattr(torch.optim, "AdamW", per_tensor_adamw)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, norm, foreach: clip(params, norm, foreach=False))
+    plain = run()
+    assert seen == [True]
+    assert fast.losses == plain.losses
+    assert fast.scale_set.to_bytes() == plain.scale_set.to_bytes()
