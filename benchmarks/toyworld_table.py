@@ -8,7 +8,7 @@ measured separately, one fresh process per method. Writes a markdown table (mean
 each subject's mean per row (benchmarks/_toyworld_summary.py), an image grid (rows:
 methods, columns: prompts; the top row is the renderer's ground truth) and JSON.
 
-    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py          # 8 subjects x 3 seeds: ~55-80 min
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py          # 8 x 3 seeds: ~1 h (57.4 min)
     HF_HUB_OFFLINE=1 python benchmarks/toyworld_table.py --quick  # < 5 min
     python benchmarks/toyworld_table.py --summarise outputs/toyworld_table.json \
         --markdown docs/toyworld_table.md  # the table again from a run's JSON, no runs

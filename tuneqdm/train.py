@@ -266,8 +266,9 @@ def make_optimizer(groups: list[dict[str, Any]], name: str) -> torch.optim.Optim
 
     torch's AdamW runs multi-tensor (foreach) here on every device, not only on CUDA
     where that is its default: a scale method steps some 300 small tensors, and one op
-    per list instead of one per tensor halves the optimiser's time on the CPU, with
-    bit-equal results (tests/test_train.py; docs/toyworld.md "Speed")."""
+    per list instead of one per tensor takes 0.57x the optimiser's time on the CPU, with
+    bit-equal results (tests/tuneqdm/test_train.py; docs/benchmarks.md "The optimiser
+    step")."""
     if name == "adamw8bit":
         import bitsandbytes as bnb
 
