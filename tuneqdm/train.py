@@ -262,13 +262,9 @@ def make_optimizer(groups: list[dict[str, Any]], name: str) -> torch.optim.Optim
     """AdamW without weight decay; "adamw8bit" keeps Adam's moments in 8 bits
     (bitsandbytes), which matters for full fine-tuning (two fp32 moments per weight
     would otherwise double the model's memory) and is harmless for small scale
-    vectors (bitsandbytes keeps tensors under 4096 numbers in 32 bits).
-
-    torch's AdamW runs multi-tensor (foreach) here on every device, not only on CUDA
-    where that is its default: a scale method steps some 300 small tensors, and one op
-    per list instead of one per tensor takes 0.57x the optimiser's time on the CPU, with
-    bit-equal results (tests/tuneqdm/test_train.py; docs/benchmarks.md "The optimiser
-    step")."""
+    vectors (bitsandbytes keeps tensors under 4096 numbers in 32 bits). torch's AdamW is
+    multi-tensor (foreach) on every device, not only CUDA: 0.57x its per-tensor time on
+    the CPU, bit-equal (docs/benchmarks.md "The optimiser step")."""
     if name == "adamw8bit":
         import bitsandbytes as bnb
 
