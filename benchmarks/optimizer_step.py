@@ -5,7 +5,8 @@ A scale method trains some 150-300 small tensors (s_out, s_in per layer and expe
 so on the CPU a per-tensor optimiser pays Python and dispatch overhead per tensor per
 step. This times exactly what tuneqdm.train's loop does after backward,
 `clip_grad_norm_(params, 1.0)` then `AdamW.step()`, on each method's real trainable
-parameters (tuneqdm.train's groups, the toy base's UNet quantized round-to-nearest),
+parameters (tuneqdm.train's groups at the table's learning rates, toyworld.compare.
+`train_config`; the toy base's UNet quantized round-to-nearest),
 with fixed random gradients, one thread, variants interleaved round by round
 (benchmarks/_speed.py). It also steps both variants 50 times from the same start and
 reports whether the parameters are bit-equal.
@@ -34,13 +35,12 @@ METHODS = ["full-n1-fp32", "lora-n1-fp32", "peqa-n1-w4", "tuneqdm-n1-w4", "tuneq
 def method_groups(float_unet: torch.nn.Module, key: str) -> list[dict]:
     """tuneqdm.train's AdamW groups for the toy-table method `key`, on a fresh UNet,
     with seeded random gradients attached (the same for every call)."""
-    from toyworld.methods import Method, method_unet
-    from tuneqdm.train import TrainConfig, _parameter_groups
+    from toyworld.compare import CompareConfig, Method, method_unet, train_config
+    from tuneqdm.train import _parameter_groups
 
     method = Method.from_key(key)
     unet = method_unet(float_unet, method)
-    name = {"full": "full", "lora": "lora"}.get(method.name, "scales")
-    groups = _parameter_groups(unet, TrainConfig(method=name, lr_scale_out=1e-4, lr=1e-4))
+    groups = _parameter_groups(unet, train_config(method, unet, CompareConfig(), seed=0))
     generator = torch.Generator().manual_seed(0)
     for group in groups:
         for p in group["params"]:

@@ -263,7 +263,7 @@ def make_optimizer(groups: list[dict[str, Any]], name: str) -> torch.optim.Optim
     (bitsandbytes), which matters for full fine-tuning (two fp32 moments per weight
     would otherwise double the model's memory) and is harmless for small scale
     vectors (bitsandbytes keeps tensors under 4096 numbers in 32 bits). torch's AdamW is
-    multi-tensor (foreach) on every device, not only CUDA: 0.57x its per-tensor time on
+    multi-tensor (foreach) on every device, not only CUDA: 0.56-0.61x its per-tensor time on
     the CPU, bit-equal (docs/benchmarks.md "The optimiser step")."""
     if name == "adamw8bit":
         import bitsandbytes as bnb
